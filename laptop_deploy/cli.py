@@ -1,0 +1,109 @@
+"""``laptop-deploy <verb>``: parses arguments, calls the library, prints a table or ``--json``.
+
+Exit codes: 0 success, 1 a check that ran failed, 2 bad input or usage (one line on stderr, no traceback unless
+``--debug``), 3 an internal error (a bug: rerun with ``--debug`` and report the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import LaptopDeployError
+
+PROG = "laptop-deploy"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (it prints the whole usage block by default)."""
+
+    def error(self, message: str) -> None:  # noqa: D102 - argparse API
+        raise LaptopDeployError(f"{message} (see {self.prog} --help)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print a machine-readable result on stdout only")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="M",
+                        help="random:<preset>, a U-Net/pipeline/student folder, a checkpoint file, or a hub id")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random:<preset> weights (default 0)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow .ckpt files that need arbitrary-code unpickling (only for files you trust)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Prune, distill, export and verify Stable Diffusion U-Nets.")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
+
+    inv = verbs.add_parser("inventory", help="list prunable layers with parameters and MACs")
+    _model_args(inv)
+    inv.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
+                     help="latent height and width for MACs (default: the U-Net's sample_size)")
+    inv.add_argument("--granularity", default="auto", choices=("auto", "attention", "block"),
+                     help="attention: whole Transformer2DModels; block: each BasicTransformerBlock; auto "
+                          "(default): per block where a transformer has several")
+    _common(inv)
+
+    prune = verbs.add_parser("prune", help="remove layers and save the student")
+    _model_args(prune)
+    how = prune.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", metavar="NAMES", help="comma-separated layer names, or @FILE (one per line, or "
+                                                       "a JSON list / object with a 'removed' list)")
+    how.add_argument("--preset", metavar="NAME", help="a handcrafted removal set: bk-sdm-base, bk-sdm-small")
+    prune.add_argument("--out", required=True, type=Path, metavar="DIR", help="student folder to write")
+    prune.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    _common(prune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not debug:  # library deprecation chatter would break the one-line-on-stderr contract
+        for module in ("huggingface_hub", "diffusers", "transformers", "torch"):
+            warnings.filterwarnings("ignore", module=module)
+    try:
+        args = build_parser().parse_args(argv)
+        from . import commands
+
+        result, text = getattr(commands, args.verb.replace("-", "_"))(args)
+    except LaptopDeployError as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: say so in one line, keep the traceback behind --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"{PROG}: internal error: {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr)
+        return 3
+    _emit(result, text, as_json=args.json)
+    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+
+
+def _emit(result: dict[str, Any], text: str, *, as_json: bool) -> None:
+    try:
+        if as_json:
+            json.dump(result, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader is gone; exit quietly like other Unix tools
+        sys.stdout = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The student format: a pruned U-Net saved as a folder that reloads exactly, or not at all.
+
+Layout of a student folder::
+
+    config.json                  the teacher's diffusers UNet2DConditionModel config, unchanged
+    student.safetensors          the student's state dict (removed units have no tensors)
+    laptop_deploy_student.json   format tag, removal set, parameter counts, where the teacher came from
+
+The weights deliberately do not use diffusers' file name: ``UNet2DConditionModel.from_pretrained`` on a student
+folder fails with "no file named diffusion_pytorch_model..." instead of silently random-initialising the removed
+layers (diffusers only warns about missing keys). :func:`load_student` rebuilds the teacher architecture on the meta
+device, removes the same units, and loads with every key accounted for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import OutputError, StudentFormatError
+from .layers import apply_removal, removed_layers
+
+FORMAT = "laptop-deploy-student"
+FORMAT_VERSION = 1
+META_FILE = "laptop_deploy_student.json"
+WEIGHTS_FILE = "student.safetensors"
+
+
+def is_student_folder(path: Path) -> bool:
+    return (path / META_FILE).is_file()
+
+
+def make_student(teacher: nn.Module, names: list[str]) -> nn.Module:
+    """Remove ``names`` from ``teacher`` in place and return it (the same object: no copy of the weights)."""
+    apply_removal(teacher, names)
+    return teacher
+
+
+def prepare_output(out: Path, *, force: bool = False) -> None:
+    """Refuse an output path that is a file, or a non-empty folder unless ``force``; checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is an existing file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"--out {out} is a non-empty folder; pass --force to replace it")
+
+
+def write_atomically(out: Path, write: Any, *, force: bool = False) -> Path:
+    """Call ``write(tmp_dir)`` into a fresh sibling folder, then move it to ``out``: a failure leaves no trace."""
+    prepare_output(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_student(student: nn.Module, out: Path, *, teacher: dict[str, Any], force: bool = False,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write ``student`` to the folder ``out`` (atomically). ``teacher`` describes the source (spec, params)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "removed": removed_layers(student),
+        "params": sum(p.numel() for p in student.parameters()),
+        "teacher": teacher,
+        "weights": WEIGHTS_FILE,
+        **(extra or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        student.save_config(tmp)
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return write_atomically(out, write, force=force)
+
+
+def read_student_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StudentFormatError(f"{path / META_FILE}: unreadable student metadata ({exc})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise StudentFormatError(f"{path / META_FILE}: format {meta.get('format')!r} v{meta.get('version')!r}, "
+                                 f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    return meta
+
+
+def load_student(path: Path, *, materialize: bool = True) -> nn.Module:
+    """Rebuild the student saved in ``path``; any missing or unexpected tensor is an error, never a random init.
+
+    ``materialize=False`` returns the architecture on the meta device without reading the weights.
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_student_meta(path)
+    config = UNet2DConditionModel.load_config(path)
+    with torch.device("meta"):
+        student = UNet2DConditionModel.from_config(config)
+    make_student(student, meta["removed"])
+    if not materialize:
+        return student.eval()
+    try:
+        state = load_file(path / meta["weights"])
+    except (OSError, SafetensorError) as exc:
+        raise StudentFormatError(f"{path / meta['weights']}: unreadable weights ({exc})") from None
+    expected = set(student.state_dict())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise StudentFormatError(
+            f"{path}: weights do not match the removal set: {len(missing)} missing "
+            f"({', '.join(missing[:3])}) and {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+    try:
+        student.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # shape mismatches: keep the first line of torch's report
+        raise StudentFormatError(f"{path}: weights do not fit the architecture: {str(exc).splitlines()[-1].strip()}") from None
+    params = sum(p.numel() for p in student.parameters())
+    if params != meta["params"]:
+        raise StudentFormatError(f"{path}: {params} parameters loaded, metadata says {meta['params']}")
+    return student.eval()
