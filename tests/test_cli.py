@@ -1,0 +1,116 @@
+"""The CLI contract: --json on stdout only, exit 0/1/2, one line on stderr, nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from laptop_deploy.cli import main
+from laptop_deploy.student import load_student
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inventory_json(capsys):
+    code, out, err = run(capsys, "inventory", "--model", "random:tiny-sd15", "--json")
+    result = json.loads(out)
+    assert code == 0 and err == ""
+    assert result["total_params"] == 8_525_412 and result["model"]["family"] == "sd1"
+    assert {"name", "kind", "params", "macs", "prunable", "reason"} <= set(result["layers"][0])
+
+
+def test_inventory_table(capsys):
+    code, out, _ = run(capsys, "inventory", "--model", "random:tiny-sdxl", "--granularity", "attention")
+    assert code == 0
+    assert "down_blocks.1.resnets.0" in out and "no: changes channels 32->64" in out
+    assert "remainder (outside units)" in out and "12,165,508 params" in out
+
+
+def test_prune_preset_writes_a_loadable_student(capsys, tmp_path):
+    code, out, err = run(capsys, "prune", "--model", "random:tiny-sd15", "--preset", "bk-sdm-small",
+                         "--out", str(tmp_path / "s"), "--json")
+    result = json.loads(out)
+    assert code == 0 and err == ""
+    assert result["params_after"] == sum(p.numel() for p in load_student(tmp_path / "s").parameters())
+    assert result["params_after"] < result["params_before"] and len(result["removed"]) == 17
+    assert 0 < result["ratio_achieved"] < 1
+
+
+def test_prune_remove_from_file(capsys, tmp_path):
+    (tmp_path / "names.json").write_text(json.dumps({"removed": ["mid_block.resnets.0", "up_blocks.0.resnets.1"]}))
+    code, out, _ = run(capsys, "prune", "--model", "random:tiny-sd15", "--remove", f"@{tmp_path / 'names.json'}",
+                       "--out", str(tmp_path / "s"), "--json")
+    assert code == 0 and json.loads(out)["removed"] == ["mid_block.resnets.0", "up_blocks.0.resnets.1"]
+
+
+def _truncated_safetensors(tmp_path: Path) -> str:
+    from laptop_deploy.sources import resolve_model
+
+    unet = resolve_model("random:tiny-sd15").unet
+    unet.save_pretrained(tmp_path / "u")
+    data = (tmp_path / "u" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    return str(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "/missing/model", "--preset", "bk-sdm-base"], "not found"),
+    (["--model", "TRUNCATED", "--preset", "bk-sdm-base"], "cut.safetensors"),
+    (["--model", "random:nope", "--preset", "bk-sdm-base"], "unknown preset 'random:nope'"),
+    (["--model", "random:tiny-sd15", "--preset", "nope"], "unknown preset 'nope'; valid: bk-sdm-base"),
+    (["--model", "random:tiny-sd15", "--remove", "down_blocks.7.resnets.0"], "unknown layer"),
+    (["--model", "random:tiny-sd15", "--remove", "down_blocks.1.resnets.0"], "not prunable: changes channels"),
+    (["--model", "random:tiny-sdxl", "--preset", "bk-sdm-base"], "needs the SD-1.x/2.x topology"),
+    (["--model", "random:tiny-sd15", "--remove", ","], "names no layer"),
+    (["--model", "random:tiny-sd15"], "one of the arguments --remove --preset is required"),
+])
+def test_prune_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, argv, message):
+    argv = [_truncated_safetensors(tmp_path) if a == "TRUNCATED" else a for a in argv]
+    before = set(tmp_path.iterdir())
+    code, out, err = run(capsys, "prune", *argv, "--out", str(tmp_path / "s"), "--json")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("laptop-deploy: error: ") and message in err
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(capsys, tmp_path):
+    (tmp_path / "f").write_text("keep")
+    code, _, err = run(capsys, "prune", "--model", "random:tiny-sd15", "--preset", "bk-sdm-base",
+                       "--out", str(tmp_path / "f"))
+    assert code == 2 and "existing file" in err and (tmp_path / "f").read_text() == "keep"
+
+
+def test_usage_errors_are_one_line(capsys):
+    code, _, err = run(capsys, "inventory", "--model", "random:tiny-sd15", "--latent-size", "x", "16")
+    assert code == 2 and err.count("\n") == 1 and "invalid int value: 'x'" in err
+    code, _, err = run(capsys, "frobnicate")
+    assert code == 2 and err.count("\n") == 1 and "invalid choice" in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    from laptop_deploy.errors import ModelSourceError
+
+    with pytest.raises(ModelSourceError):
+        main(["inventory", "--model", "random:nope", "--debug"])
+
+
+def test_console_script_sdxl_inventory_is_fast_and_json_only():
+    """Acceptance: full-size SDXL inventory in under 60 s on 2 cores (it never materialises weights)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "laptop_deploy", "inventory", "--model", "random:sdxl", "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["total_params"] == 2_567_463_684
+    assert elapsed < 60
