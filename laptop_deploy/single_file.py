@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ModelSourceError
 from .presets import PRESETS
+from .weights import aligned, read_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -124,11 +125,11 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _read_safetensors(path: Path, names: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """Only the tensors named in ``names`` (file key -> new key), converted to fp32 one at a time."""
-    from safetensors import SafetensorError, safe_open
+    import torch
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {new: _fp32_aligned(handle.get_tensor(old)) for old, new in names.items()}
+        return read_safetensors(path, names, dtype=torch.float32)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ModelSourceError(f"cannot read tensor data, truncated or corrupt ({_one_line(err)})") from err
 
@@ -160,19 +161,9 @@ def _torch_load(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 def _take_fp32(state: dict[str, torch.Tensor], names: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """Move the named tensors out of ``state`` as fp32, so at most one extra copy of a tensor exists at a time."""
-    return {new: _fp32_aligned(state.pop(old)) for old, new in names.items()}
-
-
-def _fp32_aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` as fp32 in 64-byte aligned memory.
-
-    safetensors hands out tensors at 8-byte offsets; CPU kernels pick other SIMD paths for unaligned weights and
-    round differently (~1e-6), which would break bit-exact parity with the same weights loaded by diffusers.
-    """
     import torch
 
-    tensor = tensor.to(torch.float32)
-    return tensor.clone() if tensor.data_ptr() % 64 else tensor
+    return {new: aligned(state.pop(old), torch.float32) for old, new in names.items()}
 
 
 def _unet_keys(shapes: Shapes) -> tuple[str, dict[str, str]]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import OutputError, StudentFormatError
 from .layers import apply_removal, removed_layers
+from .weights import read_safetensors
 
 FORMAT = "laptop-deploy-student"
 FORMAT_VERSION = 1
@@ -108,7 +109,6 @@ def load_student(path: Path, *, materialize: bool = True) -> nn.Module:
     """
     from diffusers import UNet2DConditionModel
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     meta = read_student_meta(path)
     config = UNet2DConditionModel.load_config(path)
@@ -118,7 +118,7 @@ def load_student(path: Path, *, materialize: bool = True) -> nn.Module:
     if not materialize:
         return student.eval()
     try:
-        state = load_file(path / meta["weights"])
+        state = read_safetensors(path / meta["weights"])
     except (OSError, SafetensorError) as exc:
         raise StudentFormatError(f"{path / meta['weights']}: unreadable weights ({exc})") from None
     expected = set(student.state_dict())

@@ -94,3 +94,18 @@ def test_pruned_student_generates_inside_a_diffusers_pipeline(saved_student, tin
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3)
     assert np.isfinite(image).all() and image.std() > 0
+
+
+@pytest.mark.slow
+def test_full_size_bk_sdm_base_student_round_trip(tmp_path, inputs_for):
+    """Opt-in (-m slow): real SD-1.5 weights shapes, ~2.3 GB student; exact reload and published size."""
+    from laptop_deploy.handcrafted import handcrafted_removal
+    from laptop_deploy.sources import resolve_model
+
+    unet = resolve_model("random:sd15").unet
+    student = make_student(unet, handcrafted_removal("bk-sdm-base", unet.config))
+    assert sum(p.numel() for p in student.parameters()) == 579_384_964
+    save_student(student, tmp_path / "s", teacher={"spec": "random:sd15"})
+    inputs = inputs_for(student, batch=1)
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "s")(**inputs).sample, student(**inputs).sample)
