@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a check that ran failed, 2 bad input or usage (one line
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import warnings
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
 
     inv = verbs.add_parser("inventory", help="list prunable layers with parameters and MACs")
+    inv.set_defaults(handler="laptop_deploy.commands:inventory")
     _model_args(inv)
     inv.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
                      help="latent height and width for MACs (default: the U-Net's sample_size)")
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(inv)
 
     prune = verbs.add_parser("prune", help="remove layers and save the student")
+    prune.set_defaults(handler="laptop_deploy.commands:prune")
     _model_args(prune)
     how = prune.add_mutually_exclusive_group(required=True)
     how.add_argument("--remove", metavar="NAMES", help="comma-separated layer names, or @FILE (one per line, or "
@@ -72,9 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", module=module)
     try:
         args = build_parser().parse_args(argv)
-        from . import commands
-
-        result, text = getattr(commands, args.verb.replace("-", "_"))(args)
+        result, text = _handler(args.handler)(args)
     except LaptopDeployError as exc:
         if debug:
             raise
@@ -91,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     _emit(result, text, as_json=args.json)
     return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+
+
+def _handler(spec: str):
+    """``module:function`` of a verb, imported only when that verb runs (optional dependencies stay optional)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _emit(result: dict[str, Any], text: str, *, as_json: bool) -> None:
