@@ -54,13 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default): per block where a transformer has several")
     _common(inv)
 
-    prune = verbs.add_parser("prune", help="remove layers and save the student")
+    prune = verbs.add_parser("prune", help="choose layers to remove (LAPTOP-Diff) and save the student")
     prune.set_defaults(handler="laptop_deploy.commands:prune")
     _model_args(prune)
     how = prune.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, metavar="R",
+                     help="fraction of the U-Net's parameters (or MACs, --cost macs) to remove, 0 < R < 1")
+    how.add_argument("--preset", metavar="NAME", help="a handcrafted removal set: bk-sdm-base, bk-sdm-small, koala")
     how.add_argument("--remove", metavar="NAMES", help="comma-separated layer names, or @FILE (one per line, or "
                                                        "a JSON list / object with a 'removed' list)")
-    how.add_argument("--preset", metavar="NAME", help="a handcrafted removal set: bk-sdm-base, bk-sdm-small")
+    prune.add_argument("--criterion", default="output-loss",
+                       help="output-loss (default), feature-loss, magnitude or random")
+    prune.add_argument("--cost", default="params", choices=("params", "macs"),
+                       help="what --ratio and the knapsack count (default params)")
+    prune.add_argument("--granularity", default="auto", choices=("auto", "attention", "block"),
+                       help="candidate units, as in `inventory` (default auto)")
+    prune.add_argument("--calib", type=int, default=8, metavar="K", help="calibration samples (default 8)")
+    prune.add_argument("--batch-size", type=int, default=8, metavar="B", help="calibration batch (default 8)")
+    prune.add_argument("--additivity-sets", type=int, metavar="M",
+                       help="random removal sets for the additivity check (default 10 with --ratio, else 0)")
+    prune.add_argument("--prompts", type=Path, metavar="FILE", help="calibration prompts, one per line")
+    prune.add_argument("--images", type=Path, metavar="DIR", help="calibration images, VAE-encoded to latents")
+    prune.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
+                       help="calibration and MAC latent size (default: the U-Net's sample_size)")
+    prune.add_argument("--device", default="cpu", help="cpu or cuda[:i] for scoring (default cpu)")
+    prune.add_argument("--autocast", choices=("bf16", "fp16"), help="CUDA autocast dtype for scoring forwards")
     prune.add_argument("--out", required=True, type=Path, metavar="DIR", help="student folder to write")
     prune.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     _common(prune)

@@ -43,29 +43,57 @@ def _removal_names(text: str) -> list[str]:
     return names
 
 
+def _progress_bar(description: str):
+    """A tqdm factory on stderr when it is a terminal (nothing otherwise: logs and --json stay clean)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    def start(total: int):
+        return tqdm(total=total, desc=description, unit="batch", file=sys.stderr, leave=False).update
+
+    return start
+
+
 def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from .handcrafted import handcrafted_removal
-    from .layers import check_removal, discover_layers
+    from .calibration import read_prompts
+    from .pruning import PruneOptions, plan_pruning
+    from .report import plan_markdown
     from .sources import resolve_model
     from .student import make_student, prepare_output, save_student
 
     prepare_output(args.out, force=args.force)
-    names = _removal_names(args.remove) if args.remove is not None else None
-    if names == []:
+    options = PruneOptions(
+        ratio=args.ratio, preset=args.preset, criterion=args.criterion, cost=args.cost, calib=args.calib,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, autocast=args.autocast,
+        granularity=args.granularity, additivity_sets=args.additivity_sets,
+        prompts=read_prompts(args.prompts) if args.prompts else None, images=args.images,
+        latent_size=tuple(args.latent_size) if args.latent_size else None,
+        remove=_removal_names(args.remove) if args.remove is not None else None)
+    if options.remove == []:
         raise LaptopDeployError("--remove names no layer")
+    options.validate()  # before the model is loaded: bad flags fail in a second
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
-    if names is None:
-        names = handcrafted_removal(args.preset, source.unet.config)
-    layers, already = discover_layers(source.unet)
-    check_removal(layers, names, removed=already)  # before any weight is freed
-    before = sum(p.numel() for p in source.unet.parameters())
-    student = make_student(source.unet, names)
-    after = sum(p.numel() for p in student.parameters())
-    save_student(student, args.out, force=args.force,
-                 teacher={**source.describe(), "params": before},
-                 extra={"method": f"preset:{args.preset}" if args.preset else "explicit"})
-    result = {"out": str(args.out), "params_before": before, "params_after": after,
-              "ratio_achieved": round(1 - after / before, 6), "removed": names}
-    text = (f"removed {len(names)} layers: {before:,} -> {after:,} params "
-            f"({result['ratio_achieved']:.2%} pruned); student written to {args.out}")
-    return result, text
+    plan = plan_pruning(source, options, progress=_progress_bar("scoring"))
+    result = plan.as_dict()
+    student = make_student(source.unet, plan.removed)
+    save_student(student, args.out, force=args.force, teacher={**source.describe(), "params": plan.totals()[
+        "params_before"]}, extra={"method": plan.method, "ratio_achieved": result["ratio_achieved"]},
+                 files={"pruning_plan.json": json.dumps(result, indent=2) + "\n",
+                        "pruning_report.md": plan_markdown(result)})
+    summary = {"out": str(args.out), **{k: result[k] for k in (
+        "params_before", "params_after", "ratio_achieved", "macs_before", "macs_after", "macs_ratio_achieved",
+        "removed", "joint_output_loss", "forward_passes", "scoring_seconds", "notes")}}
+    additivity = result["additivity"]
+    summary["additivity"] = None if additivity is None else {k: additivity[k] for k in (
+        "pearson", "spearman", "chosen_joint_over_sum", "mean_joint_over_sum")}
+    text = (f"removed {len(plan.removed)} layers: {result['params_before']:,} -> {result['params_after']:,} params "
+            f"({result['ratio_achieved']:.2%}), {result['macs_ratio_achieved']:.2%} of MACs; output loss "
+            f"{result['joint_output_loss']:.4g}")
+    if additivity is not None:
+        text += f"; additivity Pearson {additivity['pearson']:.3f}, Spearman {additivity['spearman']:.3f}"
+    text += "".join(f"\nnote: {note}" for note in result["notes"])
+    text += f"\nstudent, pruning_plan.json and pruning_report.md written to {args.out}"
+    return summary, text

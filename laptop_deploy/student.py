@@ -69,8 +69,9 @@ def write_atomically(out: Path, write: Any, *, force: bool = False) -> Path:
 
 
 def save_student(student: nn.Module, out: Path, *, teacher: dict[str, Any], force: bool = False,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write ``student`` to the folder ``out`` (atomically). ``teacher`` describes the source (spec, params)."""
+                 extra: dict[str, Any] | None = None, files: dict[str, str] | None = None) -> Path:
+    """Write ``student`` to the folder ``out`` (atomically). ``teacher`` describes the source (spec, params);
+    ``extra`` goes into the metadata; ``files`` are further text files (name -> content) written beside it."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
@@ -87,6 +88,8 @@ def save_student(student: nn.Module, out: Path, *, teacher: dict[str, Any], forc
         student.save_config(tmp)
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(content)
 
     return write_atomically(out, write, force=force)
 

@@ -38,18 +38,36 @@ def test_inventory_table(capsys):
 
 def test_prune_preset_writes_a_loadable_student(capsys, tmp_path):
     code, out, err = run(capsys, "prune", "--model", "random:tiny-sd15", "--preset", "bk-sdm-small",
-                         "--out", str(tmp_path / "s"), "--json")
+                         "--calib", "2", "--out", str(tmp_path / "s"), "--json")
     result = json.loads(out)
     assert code == 0 and err == ""
     assert result["params_after"] == sum(p.numel() for p in load_student(tmp_path / "s").parameters())
     assert result["params_after"] < result["params_before"] and len(result["removed"]) == 17
-    assert 0 < result["ratio_achieved"] < 1
+    assert 0 < result["ratio_achieved"] < 1 and result["additivity"] is None
+
+
+def test_prune_ratio_acceptance(capsys, tmp_path):
+    """`prune --model random:tiny-sd15 --ratio 0.5 --out d --json`: under 60 s, within 0.02, plan files, loads."""
+    start = time.perf_counter()
+    code, out, err = run(capsys, "prune", "--model", "random:tiny-sd15", "--ratio", "0.5",
+                         "--out", str(tmp_path / "d"), "--json")
+    elapsed = time.perf_counter() - start
+    result = json.loads(out)
+    assert code == 0 and err == "" and elapsed < 60
+    assert {"params_before", "params_after", "ratio_achieved", "removed", "additivity"} <= set(result)
+    assert abs(result["ratio_achieved"] - 0.5) <= 0.02
+    assert set(result["additivity"]) >= {"pearson", "spearman"}
+    plan = json.loads((tmp_path / "d" / "pruning_plan.json").read_text())
+    assert plan["removed"] == result["removed"] and len(plan["additivity"]["sets"]) == 11
+    assert "## Additivity of the output loss" in (tmp_path / "d" / "pruning_report.md").read_text()
+    student = load_student(tmp_path / "d")
+    assert sum(p.numel() for p in student.parameters()) == result["params_after"]
 
 
 def test_prune_remove_from_file(capsys, tmp_path):
     (tmp_path / "names.json").write_text(json.dumps({"removed": ["mid_block.resnets.0", "up_blocks.0.resnets.1"]}))
     code, out, _ = run(capsys, "prune", "--model", "random:tiny-sd15", "--remove", f"@{tmp_path / 'names.json'}",
-                       "--out", str(tmp_path / "s"), "--json")
+                       "--calib", "1", "--out", str(tmp_path / "s"), "--json")
     assert code == 0 and json.loads(out)["removed"] == ["mid_block.resnets.0", "up_blocks.0.resnets.1"]
 
 
@@ -72,7 +90,16 @@ def _truncated_safetensors(tmp_path: Path) -> str:
     (["--model", "random:tiny-sd15", "--remove", "down_blocks.1.resnets.0"], "not prunable: changes channels"),
     (["--model", "random:tiny-sdxl", "--preset", "bk-sdm-base"], "needs the SD-1.x/2.x topology"),
     (["--model", "random:tiny-sd15", "--remove", ","], "names no layer"),
-    (["--model", "random:tiny-sd15"], "one of the arguments --remove --preset is required"),
+    (["--model", "random:tiny-sd15"], "one of the arguments --ratio --preset --remove is required"),
+    (["--model", "random:tiny-sd15", "--ratio", "0"], "strictly between 0 and 1, got 0"),
+    (["--model", "random:tiny-sd15", "--ratio", "1"], "strictly between 0 and 1, got 1"),
+    (["--model", "random:tiny-sd15", "--ratio", "-0.1"], "strictly between 0 and 1, got -0.1"),
+    (["--model", "random:tiny-sd15", "--ratio", "abc"], "invalid float value: 'abc'"),
+    (["--model", "random:tiny-sd15", "--ratio", "0.5", "--criterion", "taylor"], "unknown criterion 'taylor'"),
+    (["--model", "random:tiny-sd15", "--ratio", "0.5", "--device", "cuda"], "no CUDA GPU"),
+    (["--model", "random:tiny-sd15", "--ratio", "0.5", "--prompts", "/missing.txt"], "cannot read"),
+    (["--model", "random:tiny-sd15", "--ratio", "0.99"], "exceeds what can be pruned"),
+    (["--model", "random:tiny-sd15", "--ratio", "0.5", "--images", "/missing"], "no .png/.jpg"),
 ])
 def test_prune_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, argv, message):
     argv = [_truncated_safetensors(tmp_path) if a == "TRUNCATED" else a for a in argv]

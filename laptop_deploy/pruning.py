@@ -1,0 +1,196 @@
+"""LAPTOP-Diff pruning end to end: inventory → calibration → scores → exact knapsack → additivity → plan.
+
+:func:`plan_pruning` decides what to remove and measures it; it never changes the model's function (scoring only
+toggles layers in place). The caller turns ``plan.removed`` into a student with :func:`laptop_deploy.student
+.make_student` and writes the plan beside it (:func:`laptop_deploy.report.write_plan_files`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .additivity import measure_additivity, random_sets
+from .calibration import build_calibration
+from .errors import LaptopDeployError
+from .handcrafted import handcrafted_removal
+from .inventory import Inventory, build_inventory, count_macs, meta_twin
+from .knapsack import solve_knapsack
+from .layers import Layer, apply_removal, check_removal, discover_layers
+from .scoring import Scorer, ScoringContext, get_criterion, output_loss, resolve_device
+
+COSTS = ("params", "macs")
+RATIO_SLACK = 0.02  # how far above the target the achieved ratio may land before the plan says why
+
+
+@dataclass
+class PruneOptions:
+    """Exactly one of ``ratio`` (fraction of total params or MACs to remove), ``preset`` or ``remove``."""
+
+    ratio: float | None = None
+    preset: str | None = None
+    remove: list[str] | None = None
+    criterion: str = "output-loss"
+    cost: str = "params"
+    calib: int = 8
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    autocast: str | None = None
+    granularity: str = "auto"
+    additivity_sets: int | None = None  # None: 10 for --ratio runs, 0 for presets and explicit sets
+    prompts: list[str] | None = None
+    images: Path | None = None
+    latent_size: tuple[int, int] | None = None
+
+    def validate(self) -> None:
+        if sum(x is not None for x in (self.ratio, self.preset, self.remove)) != 1:
+            raise LaptopDeployError("give exactly one of --ratio, --preset or --remove")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise LaptopDeployError(f"--ratio must lie strictly between 0 and 1, got {self.ratio:g}")
+        if self.cost not in COSTS:
+            raise LaptopDeployError(f"unknown cost '{self.cost}'; valid: {', '.join(COSTS)}")
+        get_criterion(self.criterion)
+        resolve_device(self.device)
+        if self.batch_size < 1 or (self.additivity_sets or 0) < 0:
+            raise LaptopDeployError("--batch-size must be ≥ 1 and --additivity-sets ≥ 0")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise LaptopDeployError(f"--autocast must be bf16 or fp16, got {self.autocast}")
+
+
+@dataclass
+class PruningPlan:
+    """Everything a run decided and measured; ``as_dict`` is ``pruning_plan.json``.
+
+    ``after`` is (params, MACs) of the student, counted on a meta twin with the removal applied.
+    """
+
+    model: dict[str, Any]
+    method: str
+    options: dict[str, Any]
+    inventory: Inventory
+    scores: dict[str, float]
+    removed: list[str]
+    after: tuple[int, int]
+    joint_output_loss: float | None
+    additivity: dict[str, Any] | None
+    calibration: dict[str, Any]
+    forward_passes: int = 0
+    scoring_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def totals(self) -> dict[str, Any]:
+        inv, (params, macs) = self.inventory, self.after
+        return {"params_before": inv.total_params, "params_after": params,
+                "ratio_achieved": round(1 - params / inv.total_params, 6),
+                "macs_before": inv.total_macs, "macs_after": macs,
+                "macs_ratio_achieved": round(1 - macs / inv.total_macs, 6)}
+
+    def as_dict(self) -> dict[str, Any]:
+        removed = set(self.removed)
+        layers = [{**e.as_dict(), "score": self.scores.get(e.layer.name), "removed": e.layer.name in removed}
+                  for e in self.inventory.entries]
+        return {"model": self.model, "method": self.method, **self.options, **self.totals(),
+                "removed": self.removed, "joint_output_loss": self.joint_output_loss,
+                "additivity": self.additivity, "calibration": self.calibration,
+                "forward_passes": self.forward_passes, "scoring_seconds": round(self.scoring_seconds, 3),
+                "notes": self.notes, "latent_size": list(self.inventory.latent_size),
+                "granularity": self.inventory.granularity, "layers": layers}
+
+
+def plan_pruning(source: Any, options: PruneOptions, *,
+                 progress: Callable[[int], Callable[[int], None] | None] | None = None) -> PruningPlan:
+    """Choose the removal set for ``source`` and measure it; the model's function is left unchanged.
+
+    ``progress(total)`` may return an update callback for a bar over ``total`` batch forwards.
+    """
+    options.validate()
+    device = resolve_device(options.device)
+    unet = source.unet
+    inv = build_inventory(unet, granularity=options.granularity, latent_size=options.latent_size)
+    candidates = [e.layer for e in inv.prunable]
+    cost_of = {e.layer.name: (e.layer.params if options.cost == "params" else e.macs) for e in inv.prunable}
+    total = inv.total_params if options.cost == "params" else inv.total_macs
+    method = "criterion" if options.ratio is not None else ("preset" if options.preset else "explicit")
+    sets = options.additivity_sets if options.additivity_sets is not None else (10 if method == "criterion" else 0)
+    chosen: list[Layer] | None = None
+    if method == "criterion":
+        reachable = sum(cost_of.values()) / total
+        if options.ratio > reachable:
+            raise LaptopDeployError(f"--ratio {options.ratio:g} exceeds what can be pruned: {reachable:.4f} of "
+                                    f"the {options.cost} lie in prunable units at granularity {inv.granularity}")
+    else:
+        names = options.remove if method == "explicit" else handcrafted_removal(options.preset, unet.config)
+        all_layers, already = discover_layers(unet)
+        chosen = check_removal(all_layers, names, removed=already)
+    calib = build_calibration(source, count=options.calib, seed=options.seed, prompts=options.prompts,
+                              images=options.images, latent_size=options.latent_size)
+    criterion = options.criterion if method == "criterion" else None
+    singles_needed = criterion == "output-loss" or sets > 0
+    passes = 1 + len(candidates) * ((criterion is not None) + (singles_needed and criterion != "output-loss")) \
+        + 1 + sets
+    scorer = Scorer(unet, calib, device=device, batch_size=options.batch_size,
+                    autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.autocast or ""),
+                    progress=progress(passes * -(-len(calib) // options.batch_size)) if progress else None)
+    notes: list[str] = []
+    start = time.perf_counter()
+    try:
+        ctx = ScoringContext(scorer=scorer, seed=options.seed)
+        scores = get_criterion(criterion)(ctx, candidates) if criterion else {}
+        singles = scores if criterion == "output-loss" else (output_loss(ctx, candidates) if sets else {})
+        if chosen is None:
+            chosen = _select(candidates, scores, cost_of, total, options.ratio, notes)
+        joint = scorer.output_loss(chosen)
+        additivity = _additivity(scorer, candidates, chosen, singles, cost_of, total, sets, options.seed)
+    finally:
+        unet.to("cpu")
+    if additivity is None:
+        notes.append("additivity not measured: pass --additivity-sets M (M > 0) to measure it"
+                     if method != "criterion" else "additivity not measured (--additivity-sets 0)")
+    twin = meta_twin(unet)
+    apply_removal(twin, [layer.name for layer in chosen])
+    after = (sum(p.numel() for p in twin.parameters()),
+             count_macs(twin, height=inv.latent_size[0], width=inv.latent_size[1])[""])
+    option_view = {"criterion": criterion, "cost": options.cost, "target_ratio": options.ratio,
+                   "preset": options.preset, "seed": options.seed, "device": str(device),
+                   "autocast": options.autocast}
+    return PruningPlan(model=source.describe(), method=method, options=option_view, inventory=inv, scores=scores,
+                       removed=[layer.name for layer in chosen], after=after, joint_output_loss=joint,
+                       additivity=additivity, calibration=calib.description, forward_passes=scorer.forward_passes,
+                       scoring_seconds=time.perf_counter() - start, notes=notes)
+
+
+def _additivity(scorer: Scorer, candidates: list[Layer], chosen: list[Layer], singles: dict[str, float],
+                cost_of: dict[str, int], total: int, count: int, seed: int) -> dict[str, Any] | None:
+    """L(S) vs Σ sᵢ for the chosen set and ``count`` random sets of similar cost (singles must cover them)."""
+    if count <= 0 or not singles or any(layer.name not in singles for layer in chosen):
+        return None
+    by_name = {layer.name: layer for layer in candidates}
+    target = sum(cost_of[layer.name] for layer in chosen)
+    others = random_sets(candidates, cost_of, target=target, total=total, count=count, seed=seed + 1)
+    labelled = [("chosen", [layer.name for layer in chosen])] + [(f"random-{i}", s) for i, s in enumerate(others)]
+    report = measure_additivity(labelled, singles, cost_of, total,
+                                lambda names: scorer.output_loss([by_name[n] for n in names]))
+    return {**report.as_dict(), "singles": singles}
+
+
+def _select(layers: list[Layer], scores: dict[str, float], cost_of: dict[str, int], total: int, ratio: float,
+            notes: list[str]) -> list[Layer]:
+    """Exact knapsack over the candidates: keep the best-scoring set whose cost fits (1 − ratio)·total."""
+    fixed = total - sum(cost_of.values())  # the remainder and non-prunable units are always kept
+    budget = max(0, int(total * (1 - ratio)) - fixed)
+    items = [layer for layer in layers if cost_of[layer.name] > 0]  # a costless unit is always kept
+    result = solve_knapsack([max(0.0, scores[layer.name]) for layer in items],
+                            [cost_of[layer.name] for layer in items], budget)
+    kept = {items[i].name for i in result.kept}
+    removed = [layer for layer in items if layer.name not in kept]
+    achieved = sum(cost_of[layer.name] for layer in removed) / total
+    if achieved - ratio > RATIO_SLACK:
+        notes.append(f"ratio achieved {achieved:.4f} overshoots the target {ratio:g} by more than {RATIO_SLACK}: "
+                     f"the layer granularity allows no closer set (try --granularity block)")
+    return removed
