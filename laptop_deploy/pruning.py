@@ -144,7 +144,7 @@ def plan_pruning(source: Any, options: PruneOptions, *,
         scores = get_criterion(criterion)(ctx, candidates) if criterion else {}
         singles = scores if criterion == "output-loss" else (output_loss(ctx, candidates) if sets else {})
         if chosen is None:
-            chosen = _select(candidates, scores, cost_of, total, options.ratio, notes)
+            chosen = select_layers(candidates, scores, cost_of, total, options.ratio, notes)
         joint = scorer.output_loss(chosen)
         additivity = _additivity(scorer, candidates, chosen, singles, cost_of, total, sets, options.seed)
     finally:
@@ -179,8 +179,8 @@ def _additivity(scorer: Scorer, candidates: list[Layer], chosen: list[Layer], si
     return {**report.as_dict(), "singles": singles}
 
 
-def _select(layers: list[Layer], scores: dict[str, float], cost_of: dict[str, int], total: int, ratio: float,
-            notes: list[str]) -> list[Layer]:
+def select_layers(layers: list[Layer], scores: dict[str, float], cost_of: dict[str, int], total: int,
+                  ratio: float, notes: list[str]) -> list[Layer]:
     """Exact knapsack over the candidates: keep the best-scoring set whose cost fits (1 − ratio)·total."""
     fixed = total - sum(cost_of.values())  # the remainder and non-prunable units are always kept
     budget = max(0, int(total * (1 - ratio)) - fixed)

@@ -141,3 +141,12 @@ def test_console_script_sdxl_inventory_is_fast_and_json_only():
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["total_params"] == 2_567_463_684
     assert elapsed < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,params", [("bk-sdm-base", 579_384_964), ("bk-sdm-small", 482_346_884)])
+def test_full_size_presets_through_the_cli(capsys, tmp_path, preset, params):
+    """Opt-in: `prune --model random:sd15 --preset ...` (calibration at 32x32 to keep it near a minute)."""
+    code, out, _ = run(capsys, "prune", "--model", "random:sd15", "--preset", preset, "--calib", "2",
+                       "--latent-size", "32", "32", "--out", str(tmp_path / "s"), "--json")
+    assert code == 0 and json.loads(out)["params_after"] == params
