@@ -85,8 +85,9 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 
 def random_sets(layers: Sequence[Layer], costs: dict[str, int], *, target: int, total: int, count: int,
-                seed: int, tolerance: float = 0.02) -> list[tuple[str, ...]]:
-    """``count`` distinct random removal sets whose cost lies within ``tolerance``·total of ``target``.
+                seed: int, tolerance: float = 0.02, exclude: Sequence[tuple[str, ...]] = ()) -> list[tuple[str, ...]]:
+    """``count`` distinct random removal sets (sorted name tuples, none in ``exclude``) whose cost lies within
+    ``tolerance``·total of ``target``.
 
     Each set walks a seeded random permutation, taking every layer that keeps the cost under target + tolerance,
     until it reaches target − tolerance. Sets that cannot get close enough are skipped (at most 20·count tries).
@@ -107,7 +108,7 @@ def random_sets(layers: Sequence[Layer], costs: dict[str, int], *, target: int, 
             if cost >= low:
                 break
         names = tuple(sorted(chosen))
-        if cost >= low and names not in found:
+        if cost >= low and names not in found and names not in exclude:
             found.append(names)
     return found
 

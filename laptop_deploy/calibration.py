@@ -11,7 +11,8 @@ What is drawn, in this order, from one ``torch.Generator`` seeded with ``seed`` 
    β schedule, or SD's scaled-linear 0.00085→0.012 when the source has no scheduler);
 4. text conditioning: prompts (``prompts``, else :data:`~laptop_deploy.conditioning.DEFAULT_PROMPTS`, cycled)
    through the source's text encoder(s) when it has them; otherwise N(0, I) stand-ins of the right shape (plus
-   SDXL's pooled text embedding). SDXL's time_ids are (h, w, 0, 0, h, w) in pixels.
+   SDXL's pooled text embedding). SDXL's time_ids are (h, w, 0, 0, h, w) in pixels (latent size × the VAE's
+   factor; 8 without a VAE).
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def _alphas_cumprod(source: Any) -> torch.Tensor:
     return scheduler.alphas_cumprod
 
 
+def _vae_factor(source: Any) -> int:
+    """Pixels per latent pixel: from the source's VAE when it has one, else SD's 8 (SDXL time_ids are pixels)."""
+    if "vae" not in source.available_parts():
+        return 8
+    return 2 ** (len(source.part("vae").config.block_out_channels) - 1)
+
+
 def _encode_images(source: Any, folder: Path, count: int, size: tuple[int, int]) -> tuple[torch.Tensor, int]:
     """[count, C, h, w] scaled VAE latents of the images in ``folder`` (sorted, cycled); also how many were read."""
     import numpy as np
@@ -96,7 +104,7 @@ def _encode_images(source: Any, folder: Path, count: int, size: tuple[int, int])
     if not files:
         raise LaptopDeployError(f"--images {folder}: no {'/'.join(IMAGE_SUFFIXES)} files found")
     vae = source.part("vae")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = _vae_factor(source)
     pixels = []
     for path in (files * count)[:count]:
         try:
@@ -137,7 +145,7 @@ def build_calibration(source: Any, *, count: int = 8, seed: int = 0, prompts: Se
     noise = torch.randn(clean.shape, generator=generator)
     alpha_bar = _alphas_cumprod(source)[timestep].view(-1, 1, 1, 1)
     sample = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
-    vae_factor = 8  # SDXL's time_ids are in pixels of the real VAE's 8x upsampling
+    vae_factor = _vae_factor(source)
     chosen = list(prompts or DEFAULT_PROMPTS)
     cycled = [chosen[i % len(chosen)] for i in range(count)]
     if has_text_encoders(source):

@@ -78,22 +78,31 @@ def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
     plan = plan_pruning(source, options, progress=_progress_bar("scoring"))
     result = plan.as_dict()
+    # Everything that could still fail (formatting included) happens before the folder is written.
+    summary, text = _prune_summary(result, out=args.out)
+    files = {"pruning_plan.json": json.dumps(result, indent=2) + "\n", "pruning_report.md": plan_markdown(result)}
     student = make_student(source.unet, plan.removed)
-    save_student(student, args.out, force=args.force, teacher={**source.describe(), "params": plan.totals()[
-        "params_before"]}, extra={"method": plan.method, "ratio_achieved": result["ratio_achieved"]},
-                 files={"pruning_plan.json": json.dumps(result, indent=2) + "\n",
-                        "pruning_report.md": plan_markdown(result)})
-    summary = {"out": str(args.out), **{k: result[k] for k in (
-        "params_before", "params_after", "ratio_achieved", "macs_before", "macs_after", "macs_ratio_achieved",
-        "removed", "joint_output_loss", "forward_passes", "scoring_seconds", "notes")}}
+    save_student(student, args.out, force=args.force, files=files,
+                 teacher={**source.describe(), "params": result["params_before"]},
+                 extra={"method": plan.method, "params_ratio_achieved": result["params_ratio_achieved"]})
+    return summary, text
+
+
+def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any], str]:
+    from .report import _fmt
+
+    summary = {"out": str(out), **{k: result[k] for k in (
+        "params_before", "params_after", "ratio_achieved", "params_ratio_achieved", "macs_before", "macs_after",
+        "macs_ratio_achieved", "removed", "joint_output_loss", "forward_passes", "scoring_seconds", "notes")}}
     additivity = result["additivity"]
     summary["additivity"] = None if additivity is None else {k: additivity[k] for k in (
         "pearson", "spearman", "chosen_joint_over_sum", "mean_joint_over_sum")}
-    text = (f"removed {len(plan.removed)} layers: {result['params_before']:,} -> {result['params_after']:,} params "
-            f"({result['ratio_achieved']:.2%}), {result['macs_ratio_achieved']:.2%} of MACs; output loss "
-            f"{result['joint_output_loss']:.4g}")
+    text = (f"removed {len(result['removed'])} layers: {result['params_before']:,} -> {result['params_after']:,} "
+            f"params ({result['params_ratio_achieved']:.2%}), {result['macs_ratio_achieved']:.2%} of MACs; output "
+            f"loss {_fmt(result['joint_output_loss'])}")
     if additivity is not None:
-        text += f"; additivity Pearson {additivity['pearson']:.3f}, Spearman {additivity['spearman']:.3f}"
+        text += (f"; additivity Pearson {_fmt(additivity['pearson'], '.3f')}, "
+                 f"Spearman {_fmt(additivity['spearman'], '.3f')}")
     text += "".join(f"\nnote: {note}" for note in result["notes"])
-    text += f"\nstudent, pruning_plan.json and pruning_report.md written to {args.out}"
+    text += f"\nstudent, pruning_plan.json and pruning_report.md written to {out}"
     return summary, text

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .unet_io import TEXT_TOKENS, added_cond_dims
+from .unet_io import TEXT_TOKENS, added_cond_dims, sdxl_time_ids
 
 DEFAULT_PROMPTS = (
     "a photograph of an astronaut riding a horse",
@@ -25,11 +25,6 @@ DEFAULT_PROMPTS = (
     "a futuristic city skyline at night, neon lights",
     "a plate of pancakes with strawberries and syrup",
 )
-
-
-def sdxl_time_ids(height_px: int, width_px: int, batch: int) -> torch.Tensor:
-    """SDXL micro-conditioning: (original h, w, crop top, crop left, target h, w) in pixels, uncropped."""
-    return torch.tensor([[height_px, width_px, 0, 0, height_px, width_px]], dtype=torch.float32).repeat(batch, 1)
 
 
 def has_text_encoders(source: Any) -> bool:

@@ -7,6 +7,8 @@ downloaded here, and later stages only need token ids of the right length and a 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,12 +38,19 @@ def byte_level_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+@contextmanager
+def _seeded(seed: int, name: str) -> Iterator[None]:
+    """Each part its own seeded stream, independent of the U-Net's; the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + PART_NAMES.index(name) + 1)
+        yield
+
+
 def build_preset_part(preset: Preset, name: str, *, seed: int) -> Any:
     """One pipeline part of ``preset`` with seeded random weights; None when the preset's family lacks it."""
     index = {"text_encoder": 0, "text_encoder_2": 1, "tokenizer": 0, "tokenizer_2": 1}.get(name)
     if index is not None and index >= len(preset.text_encoders):
         return None
-    torch.manual_seed(seed + PART_NAMES.index(name) + 1)  # each part its own stream, independent of the U-Net's
     if name.startswith("tokenizer"):
         return byte_level_tokenizer()
     if name.startswith("text_encoder"):
@@ -51,11 +60,13 @@ def build_preset_part(preset: Preset, name: str, *, seed: int) -> Any:
                                    "pad_token_id": _EOS})
         model_class = CLIPTextModelWithProjection if "projection_dim" in preset.text_encoders[index] \
             else CLIPTextModel
-        return model_class(config).eval()
+        with _seeded(seed, name):
+            return model_class(config).eval()
     if name == "vae":
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL(**preset.vae).eval()
+        with _seeded(seed, name):
+            return AutoencoderKL(**preset.vae).eval()
     if name == "scheduler":
         from diffusers import EulerDiscreteScheduler
 

@@ -22,10 +22,11 @@ from .handcrafted import handcrafted_removal
 from .inventory import Inventory, build_inventory, count_macs, meta_twin
 from .knapsack import solve_knapsack
 from .layers import Layer, apply_removal, check_removal, discover_layers
-from .scoring import Scorer, ScoringContext, get_criterion, output_loss, resolve_device
+from .scoring import NEEDS_FORWARD, Scorer, ScoringContext, get_criterion, output_loss, resolve_device
 
 COSTS = ("params", "macs")
 RATIO_SLACK = 0.02  # how far above the target the achieved ratio may land before the plan says why
+DEFAULT_ADDITIVITY_SETS = 10
 
 
 @dataclass
@@ -43,7 +44,7 @@ class PruneOptions:
     device: str = "cpu"
     autocast: str | None = None
     granularity: str = "auto"
-    additivity_sets: int | None = None  # None: 10 for --ratio runs, 0 for presets and explicit sets
+    additivity_sets: int | None = None  # None: DEFAULT_ADDITIVITY_SETS
     prompts: list[str] | None = None
     images: Path | None = None
     latent_size: tuple[int, int] | None = None
@@ -56,7 +57,8 @@ class PruneOptions:
         if self.cost not in COSTS:
             raise LaptopDeployError(f"unknown cost '{self.cost}'; valid: {', '.join(COSTS)}")
         get_criterion(self.criterion)
-        resolve_device(self.device)
+        if resolve_device(self.device).type != "cuda" and self.autocast:
+            raise LaptopDeployError(f"--autocast {self.autocast} needs --device cuda (CPU scoring runs in fp32)")
         if self.batch_size < 1 or (self.additivity_sets or 0) < 0:
             raise LaptopDeployError("--batch-size must be ≥ 1 and --additivity-sets ≥ 0")
         if self.autocast not in (None, "bf16", "fp16"):
@@ -85,11 +87,12 @@ class PruningPlan:
     notes: list[str] = field(default_factory=list)
 
     def totals(self) -> dict[str, Any]:
+        """Sizes before and after. ``ratio_achieved`` is in the unit of ``--cost`` (the unit of the target)."""
         inv, (params, macs) = self.inventory, self.after
-        return {"params_before": inv.total_params, "params_after": params,
-                "ratio_achieved": round(1 - params / inv.total_params, 6),
-                "macs_before": inv.total_macs, "macs_after": macs,
-                "macs_ratio_achieved": round(1 - macs / inv.total_macs, 6)}
+        params_ratio, macs_ratio = round(1 - params / inv.total_params, 6), round(1 - macs / inv.total_macs, 6)
+        return {"params_before": inv.total_params, "params_after": params, "params_ratio_achieved": params_ratio,
+                "macs_before": inv.total_macs, "macs_after": macs, "macs_ratio_achieved": macs_ratio,
+                "ratio_achieved": macs_ratio if self.options["cost"] == "macs" else params_ratio}
 
     def as_dict(self) -> dict[str, Any]:
         removed = set(self.removed)
@@ -117,7 +120,7 @@ def plan_pruning(source: Any, options: PruneOptions, *,
     cost_of = {e.layer.name: (e.layer.params if options.cost == "params" else e.macs) for e in inv.prunable}
     total = inv.total_params if options.cost == "params" else inv.total_macs
     method = "criterion" if options.ratio is not None else ("preset" if options.preset else "explicit")
-    sets = options.additivity_sets if options.additivity_sets is not None else (10 if method == "criterion" else 0)
+    sets = options.additivity_sets if options.additivity_sets is not None else DEFAULT_ADDITIVITY_SETS
     chosen: list[Layer] | None = None
     if method == "criterion":
         reachable = sum(cost_of.values()) / total
@@ -131,9 +134,8 @@ def plan_pruning(source: Any, options: PruneOptions, *,
     calib = build_calibration(source, count=options.calib, seed=options.seed, prompts=options.prompts,
                               images=options.images, latent_size=options.latent_size)
     criterion = options.criterion if method == "criterion" else None
-    singles_needed = criterion == "output-loss" or sets > 0
-    passes = 1 + len(candidates) * ((criterion is not None) + (singles_needed and criterion != "output-loss")) \
-        + 1 + sets
+    extra_singles = sets > 0 and criterion != "output-loss"
+    passes = 1 + len(candidates) * (NEEDS_FORWARD.get(criterion, 0) + extra_singles) + 1 + sets
     scorer = Scorer(unet, calib, device=device, batch_size=options.batch_size,
                     autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.autocast or ""),
                     progress=progress(passes * -(-len(calib) // options.batch_size)) if progress else None)
@@ -150,8 +152,7 @@ def plan_pruning(source: Any, options: PruneOptions, *,
     finally:
         unet.to("cpu")
     if additivity is None:
-        notes.append("additivity not measured: pass --additivity-sets M (M > 0) to measure it"
-                     if method != "criterion" else "additivity not measured (--additivity-sets 0)")
+        notes.append("additivity not measured (--additivity-sets 0)")
     twin = meta_twin(unet)
     apply_removal(twin, [layer.name for layer in chosen])
     after = (sum(p.numel() for p in twin.parameters()),
@@ -172,7 +173,8 @@ def _additivity(scorer: Scorer, candidates: list[Layer], chosen: list[Layer], si
         return None
     by_name = {layer.name: layer for layer in candidates}
     target = sum(cost_of[layer.name] for layer in chosen)
-    others = random_sets(candidates, cost_of, target=target, total=total, count=count, seed=seed + 1)
+    others = random_sets(candidates, cost_of, target=target, total=total, count=count, seed=seed + 1,
+                         exclude=[tuple(sorted(layer.name for layer in chosen))])
     labelled = [("chosen", [layer.name for layer in chosen])] + [(f"random-{i}", s) for i, s in enumerate(others)]
     report = measure_additivity(labelled, singles, cost_of, total,
                                 lambda names: scorer.output_loss([by_name[n] for n in names]))
@@ -192,5 +194,5 @@ def select_layers(layers: list[Layer], scores: dict[str, float], cost_of: dict[s
     achieved = sum(cost_of[layer.name] for layer in removed) / total
     if achieved - ratio > RATIO_SLACK:
         notes.append(f"ratio achieved {achieved:.4f} overshoots the target {ratio:g} by more than {RATIO_SLACK}: "
-                     f"the layer granularity allows no closer set (try --granularity block)")
+                     f"no set of whole units at this granularity lands closer")
     return removed

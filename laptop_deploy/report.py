@@ -19,7 +19,7 @@ def plan_markdown(plan: dict[str, Any]) -> str:
         "",
         f"- method: {how}; seed {plan['seed']}; granularity {plan['granularity']}; device {plan['device']}",
         f"- parameters: {plan['params_before']:,} → {plan['params_after']:,} "
-        f"(**{plan['ratio_achieved']:.2%} removed**)",
+        f"(**{plan['params_ratio_achieved']:.2%} removed**)",
         f"- MACs (batch 1, latent {plan['latent_size'][0]}×{plan['latent_size'][1]}): "
         f"{plan['macs_before'] / 1e9:,.2f} G → {plan['macs_after'] / 1e9:,.2f} G "
         f"({plan['macs_ratio_achieved']:.2%} removed)",

@@ -16,8 +16,8 @@ and the teacher's outputs are computed once, so one-shot scoring costs N + 1 pas
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,19 +25,40 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationSet
-from .errors import LaptopDeployError
+from .errors import CheckFailed, LaptopDeployError
 from .layers import Layer, bypassed
 
 
 def resolve_device(name: str) -> torch.device:
     """``cpu`` or ``cuda[:i]``; asking for CUDA without a usable GPU is a usage error, not a crash later."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LaptopDeployError(f"--device {name}: no CUDA GPU is available to this torch "
-                                f"({torch.__version__}); use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LaptopDeployError(f"--device {name}: expected cpu, cuda or cuda:<index>") from None
     if device.type not in ("cpu", "cuda"):
-        raise LaptopDeployError(f"--device {name}: expected cpu or cuda")
+        raise LaptopDeployError(f"--device {name}: expected cpu, cuda or cuda:<index>")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LaptopDeployError(f"--device {name}: no CUDA GPU is available to this torch "
+                                    f"({torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LaptopDeployError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                                    f"device(s), 0..{torch.cuda.device_count() - 1}")
     return device
+
+
+@contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """Full fp32 matmuls and convolutions on CUDA (TF32 off), so a GPU plan matches the CPU plan up to ties."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass
@@ -65,7 +86,8 @@ class Scorer:
         self._batches = list(self.calib.batches(self.batch_size, device=self.device))
 
     def _run(self, batch: dict[str, Any], taps: list[torch.Tensor] | None = None) -> torch.Tensor:
-        context = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        context = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast \
+            else exact_fp32(self.device)
         handles = _tap_stages(self.unet, taps) if taps is not None else []
         try:
             with torch.no_grad(), context:
@@ -83,7 +105,11 @@ class Scorer:
         self._outputs, self._features = [], [] if features else None
         for batch in self._batches:
             taps: list[torch.Tensor] | None = [] if features else None
-            self._outputs.append(self._run(batch, taps))
+            out = self._run(batch, taps)
+            if not torch.isfinite(out).all():
+                raise CheckFailed("the teacher's own output is not finite on the calibration set; with --autocast "
+                                  "fp16 this is usually an overflow: use bf16 or fp32")
+            self._outputs.append(out)
             if features:
                 self._features.append(taps)
         self.forward_passes += 1
@@ -98,7 +124,7 @@ class Scorer:
                 total += diff.double().pow(2).sum().item()
                 count += diff.numel()
         self.forward_passes += 1
-        return total / count
+        return _finite(total / count, layers)
 
     def feature_loss(self, layers: Iterable[Layer]) -> float:
         """Σ over stage outputs of the MSE against the teacher's stage outputs, ``layers`` removed together."""
@@ -113,7 +139,16 @@ class Scorer:
                     per_stage += [0.0] * (i + 1 - len(per_stage))
                     per_stage[i] += value
         self.forward_passes += 1
-        return sum(per_stage) / len(self.calib)
+        return _finite(sum(per_stage) / len(self.calib), layers)
+
+
+def _finite(value: float, layers: Iterable[Layer]) -> float:
+    """A NaN/Inf loss would rank a layer as unimportant and get it removed: refuse it instead."""
+    if not math.isfinite(value):
+        names = ", ".join(layer.name for layer in layers) or "none (the teacher)"
+        raise CheckFailed(f"non-finite loss ({value}) with layers removed: {names}; with --autocast fp16 this is "
+                          f"usually an overflow: use bf16 or fp32")
+    return value
 
 
 def _tap_stages(unet: nn.Module, sink: list[torch.Tensor]) -> list[Any]:

@@ -113,8 +113,9 @@ def _from_preset(spec: str, preset: Preset, *, materialize: bool, seed: int) -> 
     from diffusers import UNet2DConditionModel
 
     if materialize:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**preset.unet)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(**preset.unet)
     else:
         with torch.device("meta"):
             unet = UNet2DConditionModel(**preset.unet)

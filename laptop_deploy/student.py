@@ -99,9 +99,13 @@ def read_student_meta(path: Path) -> dict[str, Any]:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise StudentFormatError(f"{path / META_FILE}: unreadable student metadata ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise StudentFormatError(f"{path / META_FILE}: format {meta.get('format')!r} v{meta.get('version')!r}, "
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+        raise StudentFormatError(f"{path / META_FILE}: format {found[0]!r} v{found[1]!r}, "
                                  f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    missing = [key for key in ("removed", "params", "weights") if key not in meta]
+    if missing or not isinstance(meta["removed"], list):
+        raise StudentFormatError(f"{path / META_FILE}: metadata lacks {', '.join(missing) or 'a removed list'}")
     return meta
 
 
@@ -132,7 +136,7 @@ def load_student(path: Path, *, materialize: bool = True) -> nn.Module:
             f"({', '.join(missing[:3])}) and {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
     try:
         student.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatches: keep the first line of torch's report
+    except RuntimeError as exc:  # shape mismatches: keep the last (most specific) line of torch's report
         raise StudentFormatError(f"{path}: weights do not fit the architecture: {str(exc).splitlines()[-1].strip()}") from None
     params = sum(p.numel() for p in student.parameters())
     if params != meta["params"]:

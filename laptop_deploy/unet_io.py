@@ -44,6 +44,11 @@ def added_cond_dims(config: Mapping[str, Any]) -> tuple[int, int] | None:
     return config["projection_class_embeddings_input_dim"] - time_width, SDXL_TIME_IDS
 
 
+def sdxl_time_ids(height_px: int, width_px: int, batch: int) -> torch.Tensor:
+    """SDXL micro-conditioning [batch, 6]: (original h, w, crop top, crop left, target h, w) in pixels, uncropped."""
+    return torch.tensor([[height_px, width_px, 0, 0, height_px, width_px]], dtype=torch.float32).repeat(batch, 1)
+
+
 def example_inputs(config: Mapping[str, Any], *, batch: int = 1, height: int | None = None,
                    width: int | None = None, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -69,7 +74,6 @@ def example_inputs(config: Mapping[str, Any], *, batch: int = 1, height: int | N
     dims = added_cond_dims(config)
     if dims is not None:
         text_width, _ = dims
-        time_ids = torch.tensor([height * 8, width * 8, 0, 0, height * 8, width * 8], dtype=dtype)
-        inputs["added_cond_kwargs"] = {"text_embeds": randn(batch, text_width),
-                                       "time_ids": time_ids.repeat(batch, 1).to(device)}
+        time_ids = sdxl_time_ids(height * 8, width * 8, batch).to(device=device, dtype=dtype)
+        inputs["added_cond_kwargs"] = {"text_embeds": randn(batch, text_width), "time_ids": time_ids}
     return inputs

@@ -42,6 +42,37 @@ def test_matches_brute_force(seed):
     assert result.cost == cost  # among equal scores, the cheaper kept set (more pruning) wins
 
 
+def brute_force_with_ties(scores, costs, budget):
+    """The documented order: max score, then min cost, then the kept set whose first differing item is earlier."""
+    best = None
+    for mask in range(1 << len(scores)):
+        kept = tuple(i for i in range(len(scores)) if mask >> i & 1)
+        cost = sum(costs[i] for i in kept)
+        if cost > budget:
+            continue
+        key = (sum(scores[i] for i in kept), -cost, tuple(-i for i in kept))
+        if best is None or (key[0], key[1]) > (best[0][0], best[0][1]) or (
+                (key[0], key[1]) == (best[0][0], best[0][1]) and _earlier(kept, best[1])):
+            best = (key, kept)
+    return best[1]
+
+
+def _earlier(a, b):
+    """a keeps the lowest index where a and b differ."""
+    diff = sorted(set(a) ^ set(b))
+    return bool(diff) and diff[0] in a
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_integer_ties_break_exactly_as_documented(seed):
+    rng = random.Random(100 + seed)
+    n = rng.randint(2, 12)
+    scores = [float(rng.randint(0, 4)) for _ in range(n)]  # integers: ties are exact, many of them
+    costs = [rng.randint(1, 5) for _ in range(n)]
+    budget = rng.randint(0, sum(costs))
+    assert solve_knapsack(scores, costs, budget).kept == brute_force_with_ties(scores, costs, budget)
+
+
 def test_ties_resolve_deterministically_to_earlier_items():
     result = solve_knapsack([1.0, 1.0, 1.0, 1.0], [5, 5, 5, 5], 10)
     assert result.kept == (0, 1)

@@ -18,15 +18,17 @@ REMOVALS = {
 
 
 def _hook_out_residual_branches(unet, names):
-    """Reference: keep each unit but overwrite its output with its input (the skip dropped for up ResNets)."""
-    layers = {layer.name: layer for layer in discover_layers(unet)[0]}
+    """Reference: keep each unit but overwrite its output with its input. An up-block ResNet receives
+    cat([hidden, skip]); its removal keeps the hidden part, whose width is the ResNet's own output width."""
     handles = []
     for name in names:
-        layer = layers[name]
+        module = unet.get_submodule(name)
+        is_attention = ".attentions." in name and ".transformer_blocks." not in name
+        keep = module.out_channels if name.startswith("up_blocks") and ".resnets." in name else None
 
-        def hook(module, args, output, layer=layer):
-            x = args[0] if layer.keep_channels is None else args[0][:, : layer.keep_channels]
-            return (x,) if layer.kind == "attention" else x
+        def hook(module, args, output, keep=keep, is_attention=is_attention):
+            x = args[0] if keep is None else args[0][:, :keep]
+            return (x,) if is_attention else x
 
         handles.append(unet.get_submodule(name).register_forward_hook(hook))
     return handles

@@ -96,15 +96,53 @@ def test_same_seed_same_plan_and_additivity_is_reported(sd15_plan):
 
 def test_mac_cost_meets_a_mac_target(make_source):
     plan = plan_pruning(make_source(), PruneOptions(ratio=0.3, cost="macs", calib=2, additivity_sets=0))
-    assert plan.totals()["macs_ratio_achieved"] >= 0.3
+    totals = plan.totals()
+    assert totals["ratio_achieved"] == totals["macs_ratio_achieved"] >= 0.3
+    assert totals["params_ratio_achieved"] != totals["macs_ratio_achieved"]
+
+
+def test_feature_loss_is_the_sum_of_stage_mses(make_source):
+    source = make_source()
+    calib = build_calibration(source, count=2, seed=1)
+    batch = next(calib.batches(2))
+    layer = next(x for x in discover_layers(source.unet)[0] if x.name == "down_blocks.0.attentions.1")
+    score = Scorer(source.unet, calib).feature_loss([layer])
+    student = make_source().unet
+    apply_removal(student, [layer.name])
+
+    def stage_outputs(unet):
+        outs = []
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+                 for b in blocks]
+        with torch.no_grad():
+            unet(**batch)
+        for h in hooks:
+            h.remove()
+        return outs
+
+    expected = sum(torch.nn.functional.mse_loss(s, t).item()
+                   for s, t in zip(stage_outputs(student), stage_outputs(source.unet)))
+    assert score == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_non_finite_teacher_is_a_failed_check(make_source):
+    from laptop_deploy.errors import CheckFailed
+
+    source = make_source()
+    with torch.no_grad():
+        source.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(CheckFailed, match="not finite"):
+        plan_pruning(source, PruneOptions(ratio=0.3, calib=1, additivity_sets=0))
 
 
 @pytest.mark.parametrize("spec,preset,removed", [("random:tiny-sd15", "bk-sdm-base", 14),
                                                  ("random:tiny-sdxl", "koala", 10)])
 def test_presets_are_reported_like_plans(make_source, spec, preset, removed):
-    plan = plan_pruning(make_source(spec), PruneOptions(preset=preset, calib=2))
+    plan = plan_pruning(make_source(spec), PruneOptions(preset=preset, calib=2, additivity_sets=3))
     assert plan.method == "preset" and len(plan.removed) == removed and plan.joint_output_loss > 0
-    assert plan.additivity is None and "additivity not measured" in plan.notes[0]
+    assert plan.additivity["sets"][0]["joint"] == plan.joint_output_loss and len(plan.additivity["sets"]) == 4
+    assert plan.scores == {}
 
 
 def test_unreachable_ratio_and_bad_options(make_source):
