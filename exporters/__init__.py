@@ -1,3 +1,38 @@
-"""Exporters: one module per target, importable as ``laptop_deploy.exporters.<target>``; each consumes the
-ExportSpec and writes an artifact plus ``manifest.json`` (see docs/ARCHITECTURE.md). Targets arrive with their
-issues; nothing is registered yet."""
+"""Exporters, imported as ``laptop_deploy.exporters``: one module per target, registered by name and imported only
+when that target is used (after ExecuTorch's model registry), so a missing optional package breaks only its own
+target.
+
+Every exporter module has ``export(unet, spec, out_dir, *, source, options) -> Manifest``: it writes the artifact
+and ``manifest.json`` into ``out_dir`` (a temporary folder the caller moves into place) from one
+:class:`~laptop_deploy.spec.ExportSpec`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..errors import LaptopDeployError
+
+# target -> (module, the pip extra that installs what it imports)
+TARGETS: dict[str, tuple[str, str]] = {
+    "onnx": ("laptop_deploy.exporters.onnx", "onnx"),
+    "ort-mobile": ("laptop_deploy.exporters.ort_mobile", "onnx"),
+}
+
+
+class TargetError(LaptopDeployError):
+    """An unknown export target, or one whose packages are not installed."""
+
+
+def get_exporter(target: str) -> ModuleType:
+    """The exporter module of ``target``. Unknown targets list the valid ones; a missing package names the extra."""
+    if target not in TARGETS:
+        raise TargetError(f"unknown target '{target}'; valid: {', '.join(TARGETS)}")
+    module, extra = TARGETS[target]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = (getattr(exc, "name", None) or str(exc)).split(".")[0]
+        raise TargetError(f"target '{target}' needs the package '{missing}', which is not installed: "
+                          f"pip install 'laptop-deploy[{extra}]'") from None

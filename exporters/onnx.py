@@ -1,0 +1,264 @@
+"""``--target onnx``: the U-Net (teacher or pruned student) as an ONNX graph, checked, optionally slimmed, fp32 or
+fp16, with ``manifest.json``.
+
+Steps (each writes into the caller's temporary folder; ``laptop-deploy export`` moves it into place at the end):
+
+1. trace :func:`~laptop_deploy.spec.wrap_unet` with ``torch.onnx.export`` — the dynamo exporter
+   (``torch.export``, non-strict) by default, the TorchScript exporter with ``exporter="torchscript"`` — opset ≥ 18,
+   dynamic axes from the ExportSpec; removed layers are :class:`~laptop_deploy.layers.Removed` modules and leave
+   no weights and only a slice/identity in the graph;
+2. optionally ``onnxslim.slim`` (constant folding, dead-node and identity elimination);
+3. fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with a block list (:mod:`.onnx_fp16`);
+4. save: one ``model.onnx``, or ``model.onnx`` + one ``model.onnx.data`` when the weights exceed protobuf's 2 GiB;
+5. ``onnx.checker.check_model(full_check=True)`` on the path (works above 2 GiB) and a check that the graph's
+   inputs, outputs, dtypes and dynamic axes are the spec's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxscript  # noqa: F401 - the dynamo exporter's translator: a missing one fails before any work
+import torch
+from torch import nn
+
+from ..errors import LaptopDeployError
+from ..manifest import Manifest, describe_files, tool_versions, write_manifest
+from ..spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
+from .onnx_fp16 import convert_to_fp16
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EXPORTERS = ("dynamo", "torchscript")
+MIN_OPSET = 18
+PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GiB minus room for the graph itself: above this, weights go external
+_ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
+
+
+class ExportError(LaptopDeployError):
+    """An export that failed or produced a graph that does not match its ExportSpec."""
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How to export: ``exporter`` dynamo|torchscript, ``opset`` ≥ 18, ``slim`` runs onnxslim."""
+
+    exporter: str = "dynamo"
+    opset: int = MIN_OPSET
+    slim: bool = False
+
+    def check(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise ExportError(f"exporter '{self.exporter}' is not one of {', '.join(EXPORTERS)}")
+        if self.opset < MIN_OPSET:
+            raise ExportError(f"opset {self.opset} is below the minimum {MIN_OPSET}")
+        if self.slim and importlib.util.find_spec("onnxslim") is None:
+            raise ExportError("--slim needs the package 'onnxslim', which is not installed: "
+                              "pip install 'laptop-deploy[onnx]'")
+
+
+Options = OnnxOptions  # every exporter module names its options class `Options`
+
+
+def export(unet: nn.Module, spec: ExportSpec, out_dir: Path, *, source: dict[str, Any],
+           options: OnnxOptions = OnnxOptions()) -> Manifest:
+    """Export ``unet`` per ``spec`` into the (empty) folder ``out_dir`` and write its manifest.
+
+    ``source`` describes the model (spec string, kind, family, params, removed, sha256) for the manifest.
+    """
+    options.check()
+    start = time.perf_counter()
+    stage = Path(tempfile.mkdtemp(prefix=".stage.", dir=out_dir))
+    try:
+        fp32 = export_fp32(unet, spec, stage, options=options)
+        return finish_artifact(fp32, unet, spec, out_dir, source=source, options=options, started=start,
+                               consume=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def finish_artifact(fp32: Path, unet: nn.Module, spec: ExportSpec, out_dir: Path, *, source: dict[str, Any],
+                    options: OnnxOptions, started: float | None = None, consume: bool = False) -> Manifest:
+    """Steps 2–5 on an exported fp32 graph: slim, fp16, save into ``out_dir``, check, write the manifest.
+    Intermediate files go to a temporary folder inside ``out_dir``; ``consume`` moves the fp32 files instead of
+    copying them when they are the result (no second copy of a multi-GB graph)."""
+    started = time.perf_counter() if started is None else started
+    stage = Path(tempfile.mkdtemp(prefix=".finish.", dir=out_dir))
+    info: dict[str, Any] = {}
+    try:
+        path = fp32
+        if options.slim:
+            path = slim(path, stage / "slim" / MODEL_FILE)
+        if spec.precision == "fp16":
+            keep = [name for name in FP32_INPUTS if name in spec.input_names]
+            model, info = convert_to_fp16(path, fp32_inputs=keep,
+                                          upcast_attention=bool(unet.config.get("upcast_attention")))
+            path = save_onnx(model, stage / "fp16" / MODEL_FILE)
+            del model
+        for item in path.parent.iterdir():
+            if item.name in (MODEL_FILE, DATA_FILE):
+                (shutil.copy2 if path == fp32 and not consume else shutil.move)(str(item), out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    check_onnx(out_dir / MODEL_FILE, spec)
+    export_info = {**asdict(options), "seconds": round(time.perf_counter() - started, 2),
+                   "weight_bytes": _weight_bytes(unet), "peak_rss_mb": round(peak_rss_mb(), 1), **info}
+    manifest = Manifest(target="onnx", precision=spec.precision, model_file=MODEL_FILE, spec=spec,
+                        source=source, files=describe_files(out_dir), tools=tool_versions(), export=export_info)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def export_fp32(unet: nn.Module, spec: ExportSpec, folder: Path, *, options: OnnxOptions) -> Path:
+    """Trace the fp32 graph into ``folder/model.onnx`` (+ ``model.onnx.data`` above 2 GiB); returns the path."""
+    wrapper = wrap_unet(unet, spec)
+    example = spec.example_feeds(batch=max(spec.batch, 2) if spec.dynamic else None, seed=0)
+    args = torch_inputs(spec, example)
+    external = _weight_bytes(unet) > PROTOBUF_LIMIT
+    path = folder / MODEL_FILE
+    try:
+        with _quiet(), torch.no_grad():
+            if options.exporter == "dynamo":
+                program = torch.onnx.export(
+                    wrapper, args, dynamo=True, opset_version=options.opset, input_names=spec.input_names,
+                    output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes(), verbose=False)
+                program.save(str(path), external_data=external)
+                del program
+            else:
+                traced = folder / "torchscript"
+                traced.mkdir()
+                torch.onnx.export(
+                    wrapper, args, str(traced / MODEL_FILE), dynamo=False, opset_version=options.opset,
+                    input_names=spec.input_names, output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes() or None, do_constant_folding=True)
+                # The TorchScript exporter scatters >2 GiB weights over one file per tensor: gather them.
+                save_onnx(onnx.load(str(traced / MODEL_FILE)), path)
+                shutil.rmtree(traced)
+    except Exception as exc:  # torch.export / translation failures come as many exception types
+        if isinstance(exc, LaptopDeployError):
+            raise
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        other = "torchscript" if options.exporter == "dynamo" else "dynamo"
+        raise ExportError(f"{options.exporter} exporter failed: {type(exc).__name__}: {first[:300]} "
+                          f"(try --exporter {other}; --debug shows the traceback)") from exc
+    if spec.dynamic:
+        name_dynamic_axes(path, spec)
+    return path
+
+
+def name_dynamic_axes(path: Path, spec: ExportSpec) -> None:
+    """Give the graph's dynamic I/O axes the spec's names (``batch``, ``height``, ``width``); the dynamo exporter
+    writes derived expressions such as ``8*(((height - 1)//8)) + 8`` for the output. Rewrites only the graph
+    file: external weights stay where they are."""
+    model = onnx.load(str(path), load_external_data=False)
+    axes = spec.dynamic_axes()
+    for value in (*model.graph.input, *model.graph.output):
+        for axis, name in axes.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_param = name
+    onnx.save_model(model, str(path))
+
+
+def slim(path: Path, out: Path) -> Path:
+    """onnxslim over ``path``, saved to ``out`` (external data above 2 GiB)."""
+    import onnxslim
+
+    with _quiet():
+        model = onnxslim.slim(str(path))
+    if model is None:
+        raise ExportError("onnxslim returned no model (its own check failed); export without --slim")
+    return save_onnx(model, out)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+    """Save ``model`` as ``path``, with all weights in one ``model.onnx.data`` beside it above 2 GiB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    external = size > PROTOBUF_LIMIT
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE if external else None, size_threshold=1024)
+    return path
+
+
+def check_onnx(path: Path, spec: ExportSpec) -> None:
+    """``onnx.checker`` on the file, then the graph's I/O names, dtypes and dynamic axes against ``spec``."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # + strict type and shape inference
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{path.name} fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for want, got in ((spec.inputs, graph.input), (spec.outputs, graph.output)):
+        if [t.name for t in want] != [v.name for v in got]:
+            raise ExportError(f"graph I/O {[v.name for v in got]} differs from the spec's {[t.name for t in want]}")
+        for tensor, value in zip(want, got):
+            _check_value(tensor, value)
+
+
+def _check_value(tensor: Any, value: onnx.ValueInfoProto) -> None:
+    ttype = value.type.tensor_type
+    if ttype.elem_type != _ONNX_TYPES[tensor.dtype]:
+        raise ExportError(f"{tensor.name}: graph dtype {onnx.TensorProto.DataType.Name(ttype.elem_type)}, "
+                          f"spec {tensor.dtype}")
+    dims = ttype.shape.dim
+    if len(dims) != len(tensor.shape):
+        raise ExportError(f"{tensor.name}: graph rank {len(dims)}, spec {list(tensor.shape)}")
+    for axis, (dim, want) in enumerate(zip(dims, tensor.shape)):
+        if isinstance(want, str) and dim.HasField("dim_value"):
+            raise ExportError(f"{tensor.name}: axis {axis} ({want}) came out static ({dim.dim_value}); the "
+                              f"model specialised it during tracing")
+        if isinstance(want, int) and dim.HasField("dim_value") and dim.dim_value != want:
+            raise ExportError(f"{tensor.name}: axis {axis} is {dim.dim_value} in the graph, {want} in the spec")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _weight_bytes(unet: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in unet.state_dict().values())
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep exporter chatter off the console: ``--json`` owns stdout and errors are one line on stderr. The
+    TorchScript exporter prints its whole IR from C++ on failure, so file descriptors 1 and 2 are redirected,
+    not just ``sys.stdout``; Python warnings and torch.onnx's registration log are muted too."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        logger.setLevel(level)

@@ -1,0 +1,172 @@
+"""``manifest.json``: what an exported artifact is, where it came from, and what was measured on it.
+
+Written beside every artifact by its exporter; ``verify`` and ``bench`` add their results under ``results``::
+
+    format, version        "laptop-deploy-artifact", 1
+    target, precision      e.g. "onnx", "fp16"
+    model_file             the file a runner loads (e.g. "model.onnx", "model.ort")
+    files                  {name: {"bytes": int, "sha256": hex}} for every file of the artifact
+    spec                   the ExportSpec (laptop_deploy.spec) as a dict
+    source                 the model spec string, kind, family, params, removed layers, "sha256" of its weights
+    tools                  versions of python, torch, diffusers, onnx, onnxruntime, ... at export time
+    export                 how it was exported (exporter, opset, seconds, peak RSS, fp16 block list, ...)
+    results                {"parity": {...}, "latency": {...}} once measured
+
+Reading checks the format and every listed file's size, so a truncated or partly copied artifact is an error
+before any runtime sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LaptopDeployError
+from .spec import ExportSpec
+
+MANIFEST = "manifest.json"
+FORMAT = "laptop-deploy-artifact"
+FORMAT_VERSION = 1
+TOOLS = ("torch", "diffusers", "transformers", "numpy", "onnx", "onnxruntime", "onnxscript", "onnxslim",
+         "coremltools", "tensorrt")
+
+
+class ArtifactError(LaptopDeployError):
+    """An artifact folder that cannot be used: no manifest, a malformed one, or files that do not match it."""
+
+
+@dataclass
+class Manifest:
+    """The parsed ``manifest.json`` (see the module docstring for the fields)."""
+
+    target: str
+    precision: str
+    model_file: str
+    spec: ExportSpec
+    source: dict[str, Any]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spec"] = self.spec.as_dict()
+        return {"format": FORMAT, "version": FORMAT_VERSION, **data}
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the libraries an artifact's numbers depend on (absent ones are left out)."""
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def model_hash(unet: nn.Module) -> str:
+    """``sha256:<hex>`` over the U-Net's config and every tensor of its state dict (name, dtype, shape, bytes).
+
+    Equal hashes mean the same architecture, removal set and weights, whatever file or preset they came from.
+    """
+    # Private keys (diffusers' `_use_default_values`, `_diffusers_version`...) are bookkeeping; the first is built
+    # from a set, so its order changes between processes.
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        if tensor.device.type != "meta":
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().data)
+    return f"sha256:{digest.hexdigest()}"
+
+
+
+def file_entry(path: Path, chunk: int = 1 << 24) -> dict[str, Any]:
+    """``{"bytes", "sha256"}`` of one file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """:func:`file_entry` for every regular file directly in ``folder`` except the manifest."""
+    return {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write ``folder/manifest.json`` atomically (temporary file, then rename)."""
+    path = folder / MANIFEST
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(manifest.as_dict(), handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(folder: Path, *, check_files: bool = True) -> Manifest:
+    """The manifest of the artifact in ``folder``; every listed file must exist with its recorded size."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: not an artifact folder (no such directory)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not an artifact written by `laptop-deploy export`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+        got = (data.get("format"), data.get("version")) if isinstance(data, dict) else type(data).__name__
+        raise ArtifactError(f"{path}: format {got}, expected ('{FORMAT}', {FORMAT_VERSION})")
+    try:
+        manifest = Manifest(target=data["target"], precision=data["precision"], model_file=data["model_file"],
+                            spec=ExportSpec.from_dict(data["spec"]), source=data["source"],
+                            files=data.get("files", {}), tools=data.get("tools", {}),
+                            export=data.get("export", {}), results=data.get("results", {}))
+    except KeyError as exc:
+        raise ArtifactError(f"{path}: missing field {exc}") from None
+    if check_files:
+        verify_files(folder, manifest)
+    return manifest
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists exists with the recorded byte size (a cheap truncation check; hashes are
+    recorded for provenance but not re-read, which would cost seconds per GB on every load)."""
+    if manifest.model_file not in manifest.files:
+        raise ArtifactError(f"{folder / MANIFEST}: model file '{manifest.model_file}' is not among its files")
+    for name, entry in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise ArtifactError(f"{path}: {size:,} bytes, {MANIFEST} says {entry.get('bytes'):,} "
+                                f"(truncated or modified)")
+
+
+def record_result(folder: Path, key: str, value: Mapping[str, Any]) -> None:
+    """Store ``value`` under ``results[key]`` in the manifest of ``folder`` (atomically)."""
+    manifest = read_manifest(folder, check_files=False)
+    manifest.results[key] = dict(value)
+    write_manifest(folder, manifest)
