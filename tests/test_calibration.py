@@ -30,7 +30,8 @@ def test_prompts_go_through_the_text_encoder(make_source, tmp_path):
     assert "2 prompts (--prompts)" in calib.description["text"]
     hidden = calib.cond["encoder_hidden_states"]
     assert hidden.shape == (3, 77, 64) and torch.equal(hidden[0], hidden[2]) and not torch.equal(hidden[0], hidden[1])
-    assert calib.cond["added_cond_kwargs"]["time_ids"][0].tolist() == [128, 128, 0, 0, 128, 128]
+    # 16x16 latents x the tiny VAE's factor 2 = 32 px (SD's real VAE would give 8x)
+    assert calib.cond["added_cond_kwargs"]["time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
 
 
 def test_noising_follows_the_ddpm_forward_process_in_the_documented_draw_order(make_source):
