@@ -89,7 +89,7 @@ def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any], str]:
-    from .report import _fmt
+    from .report import format_value
 
     summary = {"out": str(out), **{k: result[k] for k in (
         "params_before", "params_after", "ratio_achieved", "params_ratio_achieved", "macs_before", "macs_after",
@@ -99,10 +99,10 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
         "pearson", "spearman", "chosen_joint_over_sum", "mean_joint_over_sum")}
     text = (f"removed {len(result['removed'])} layers: {result['params_before']:,} -> {result['params_after']:,} "
             f"params ({result['params_ratio_achieved']:.2%}), {result['macs_ratio_achieved']:.2%} of MACs; output "
-            f"loss {_fmt(result['joint_output_loss'])}")
+            f"loss {format_value(result['joint_output_loss'])}")
     if additivity is not None:
-        text += (f"; additivity Pearson {_fmt(additivity['pearson'], '.3f')}, "
-                 f"Spearman {_fmt(additivity['spearman'], '.3f')}")
+        text += (f"; additivity Pearson {format_value(additivity['pearson'], '.3f')}, "
+                 f"Spearman {format_value(additivity['spearman'], '.3f')}")
     text += "".join(f"\nnote: {note}" for note in result["notes"])
     text += f"\nstudent, pruning_plan.json and pruning_report.md written to {out}"
     return summary, text

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
+def format_value(value: float | None, spec: str = ".4g") -> str:
     return "–" if value is None else format(value, spec)
 
 
@@ -23,7 +23,7 @@ def plan_markdown(plan: dict[str, Any]) -> str:
         f"- MACs (batch 1, latent {plan['latent_size'][0]}×{plan['latent_size'][1]}): "
         f"{plan['macs_before'] / 1e9:,.2f} G → {plan['macs_after'] / 1e9:,.2f} G "
         f"({plan['macs_ratio_achieved']:.2%} removed)",
-        f"- output loss of the removal set, mean (ε_S − ε_teacher)²: {_fmt(plan['joint_output_loss'])}",
+        f"- output loss of the removal set, mean (ε_S − ε_teacher)²: {format_value(plan['joint_output_loss'])}",
         f"- calibration: {plan['calibration']['count']} samples, seed {plan['calibration']['seed']}; "
         f"{plan['calibration']['latents']}; {plan['calibration']['text']}; timesteps "
         f"{plan['calibration']['timesteps']}",
@@ -35,7 +35,7 @@ def plan_markdown(plan: dict[str, Any]) -> str:
     for row in plan["layers"]:
         verdict = "**removed**" if row["removed"] else ("" if row["prunable"] else f"not prunable: {row['reason']}")
         lines.append(f"| `{row['name']}` | {row['kind']} | {row['params']:,} | {row['macs'] / 1e9:.3f} | "
-                     f"{_fmt(row['score'])} | {verdict} |")
+                     f"{format_value(row['score'])} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -45,13 +45,13 @@ def _additivity_section(additivity: dict[str, Any] | None) -> list[str]:
     lines = [
         "", "## Additivity of the output loss", "",
         f"Joint loss L(S) against the sum of single-layer losses Σ sᵢ over {len(additivity['sets'])} removal sets "
-        f"(the chosen one and random sets of similar cost): Pearson {_fmt(additivity['pearson'], '.3f')}, "
-        f"Spearman {_fmt(additivity['spearman'], '.3f')}; chosen set L(S)/Σsᵢ = "
-        f"{_fmt(additivity['chosen_joint_over_sum'], '.3f')}, mean over sets "
-        f"{_fmt(additivity['mean_joint_over_sum'], '.3f')}.",
+        f"(the chosen one and random sets of similar cost): Pearson {format_value(additivity['pearson'], '.3f')}, "
+        f"Spearman {format_value(additivity['spearman'], '.3f')}; chosen set L(S)/Σsᵢ = "
+        f"{format_value(additivity['chosen_joint_over_sum'], '.3f')}, mean over sets "
+        f"{format_value(additivity['mean_joint_over_sum'], '.3f')}.",
         "", "| set | layers | cost removed | L(S) | Σ sᵢ | L/Σ |", "|---|---:|---:|---:|---:|---:|",
     ]
     for s in additivity["sets"]:
         lines.append(f"| {s['label']} | {len(s['names'])} | {s['cost_ratio']:.3f} | {s['joint']:.4g} | "
-                     f"{s['summed']:.4g} | {_fmt(s['joint_over_sum'], '.3f')} |")
+                     f"{s['summed']:.4g} | {format_value(s['joint_over_sum'], '.3f')} |")
     return lines
