@@ -62,6 +62,11 @@ class OnnxOptions:
     opset: int = MIN_OPSET
     slim: bool = False
 
+    @classmethod
+    def from_args(cls, args: Any) -> OnnxOptions:
+        """The options of ``laptop-deploy export`` (every exporter's Options has this constructor)."""
+        return cls(exporter=args.exporter, opset=args.opset, slim=args.slim)
+
     def check(self) -> None:
         if self.exporter not in EXPORTERS:
             raise ExportError(f"exporter '{self.exporter}' is not one of {', '.join(EXPORTERS)}")

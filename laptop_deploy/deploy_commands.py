@@ -20,7 +20,7 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     prepare_output(args.out, force=args.force)
     exporter = get_exporter(args.target)
-    options = exporter.Options(exporter=args.exporter, opset=args.opset, slim=args.slim)
+    options = exporter.Options.from_args(args)
     options.check()
     # The spec (and the latent-size check) needs only the config: resolve on the meta device first.
     source = resolve_model(args.model, materialize=False, seed=args.seed, allow_pickle=args.allow_pickle)
