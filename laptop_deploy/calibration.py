@@ -71,7 +71,8 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _alphas_cumprod(source: Any) -> torch.Tensor:
+def alphas_cumprod(source: Any) -> torch.Tensor:
+    """ᾱ_t of the source's training schedule (SD's scaled-linear 0.00085→0.012 when it has no scheduler)."""
     from diffusers import DDPMScheduler
 
     if "scheduler" in source.available_parts():
@@ -86,7 +87,14 @@ def _alphas_cumprod(source: Any) -> torch.Tensor:
     return scheduler.alphas_cumprod
 
 
-def _vae_factor(source: Any) -> int:
+def prediction_type(source: Any) -> str:
+    """What the U-Net predicts: ``epsilon`` (SD-1.x, SDXL) or ``v_prediction`` (SD-2.x 768), from its scheduler."""
+    if "scheduler" in source.available_parts():
+        return source.part("scheduler").config.get("prediction_type", "epsilon")
+    return "epsilon"
+
+
+def vae_factor(source: Any) -> int:
     """Pixels per latent pixel: from the source's VAE when it has one, else SD's 8 (SDXL time_ids are pixels)."""
     if "vae" not in source.available_parts():
         return 8
@@ -104,21 +112,22 @@ def _encode_images(source: Any, folder: Path, count: int, size: tuple[int, int])
     if not files:
         raise LaptopDeployError(f"--images {folder}: no {'/'.join(IMAGE_SUFFIXES)} files found")
     vae = source.part("vae")
-    factor = _vae_factor(source)
+    factor = vae_factor(source)
     pixels = []
     for path in (files * count)[:count]:
         try:
             image = Image.open(path).convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
             raise LaptopDeployError(f"--images: cannot read {path} ({exc})") from None
-        pixels.append(np.asarray(_resize_crop(image, size[0] * factor, size[1] * factor), dtype=np.float32))
+        pixels.append(np.asarray(resize_crop(image, size[0] * factor, size[1] * factor), dtype=np.float32))
     batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():
         latents = vae.encode(batch).latent_dist.mean * vae.config.scaling_factor
     return latents, len(files)
 
 
-def _resize_crop(image: Any, height: int, width: int) -> Any:
+def resize_crop(image: Any, height: int, width: int) -> Any:
+    """``image`` scaled to cover height × width, then centre-cropped to it."""
     scale = max(height / image.height, width / image.width)
     image = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))))
     left, top = (image.width - width) // 2, (image.height - height) // 2
@@ -143,16 +152,16 @@ def build_calibration(source: Any, *, count: int = 8, seed: int = 0, prompts: Se
         clean = torch.randn(count, config.in_channels, height, width, generator=generator)
         latent_origin = "N(0, I) clean latents"
     noise = torch.randn(clean.shape, generator=generator)
-    alpha_bar = _alphas_cumprod(source)[timestep].view(-1, 1, 1, 1)
+    alpha_bar = alphas_cumprod(source)[timestep].view(-1, 1, 1, 1)
     sample = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
-    vae_factor = _vae_factor(source)
+    factor = vae_factor(source)
     chosen = list(prompts or DEFAULT_PROMPTS)
     cycled = [chosen[i % len(chosen)] for i in range(count)]
     if has_text_encoders(source):
-        cond = encode_prompts(source, cycled, height_px=height * vae_factor, width_px=width * vae_factor)
+        cond = encode_prompts(source, cycled, height_px=height * factor, width_px=width * factor)
         text_origin = f"{len(chosen)} prompts ({'--prompts' if prompts else 'built-in'}) through the text encoder(s)"
     else:
-        cond = seeded_conditioning(config, count, height_px=height * vae_factor, width_px=width * vae_factor,
+        cond = seeded_conditioning(config, count, height_px=height * factor, width_px=width * factor,
                                    generator=generator)
         text_origin = "N(0, I) text embeddings (the model has no text encoder)"
     description = {"count": count, "seed": seed, "latent_size": [height, width],

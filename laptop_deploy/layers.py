@@ -188,3 +188,22 @@ def apply_removal(unet: nn.Module, names: Iterable[str]) -> list[Layer]:
 def removed_layers(unet: nn.Module) -> list[str]:
     """Names of the units of ``unet`` that are :class:`Removed`, in forward order (the student's removal set)."""
     return discover_layers(unet)[1]
+
+
+def stages(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The U-Net's stages by module name: every down block, the mid block, every up block (feature-KD taps)."""
+    named = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        named.append(("mid_block", unet.mid_block))
+    return named + [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+
+
+def tap_stages(unet: nn.Module, sink: list[torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Forward hooks appending each stage's output to ``sink`` in :func:`stages` order, as fp32 and still in the
+    autograd graph (down blocks return ``(hidden, skips)``: the hidden state is kept). Remove the handles after."""
+
+    def hook(module, args, output):
+        sink.append((output[0] if isinstance(output, tuple) else output).float())
+
+    return [module.register_forward_hook(hook) for _, module in stages(unet)]
+

@@ -26,7 +26,7 @@ from torch import nn
 
 from .calibration import CalibrationSet
 from .errors import CheckFailed, LaptopDeployError
-from .layers import Layer, bypassed
+from .layers import Layer, bypassed, tap_stages
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,7 +88,7 @@ class Scorer:
     def _run(self, batch: dict[str, Any], taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         context = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast \
             else exact_fp32(self.device)
-        handles = _tap_stages(self.unet, taps) if taps is not None else []
+        handles = tap_stages(self.unet, taps) if taps is not None else []
         try:
             with torch.no_grad(), context:
                 out = self.unet(**batch, return_dict=False)[0].float()
@@ -149,16 +149,6 @@ def _finite(value: float, layers: Iterable[Layer]) -> float:
         raise CheckFailed(f"non-finite loss ({value}) with layers removed: {names}; with --autocast fp16 this is "
                           f"usually an overflow: use bf16 or fp32")
     return value
-
-
-def _tap_stages(unet: nn.Module, sink: list[torch.Tensor]) -> list[Any]:
-    """Forward hooks appending every stage output (down blocks give (hidden, skips): the hidden is kept)."""
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-
-    def hook(module, args, output):
-        sink.append((output[0] if isinstance(output, tuple) else output).float())
-
-    return [block.register_forward_hook(hook) for block in blocks if block is not None]
 
 
 @dataclass
