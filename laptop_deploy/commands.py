@@ -106,3 +106,98 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
     text += "".join(f"\nnote: {note}" for note in result["notes"])
     text += f"\nstudent, pruning_plan.json and pruning_report.md written to {out}"
     return summary, text
+
+
+def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from .calibration import read_prompts
+    from .distill import DistillOptions, clear_run_folder, distill, prepare_run, prepare_run_folder
+    from .distill_data import image_data, prompt_data
+    from .sources import resolve_model
+    from .student import is_student_folder, read_student_meta
+    from .unet_io import check_latent_size
+
+    options = DistillOptions(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, lambda_task=args.lambda_task, lambda_out=args.lambda_out,
+        lambda_feat=args.lambda_feat, feature_norm=args.feature_norm, mixed_precision=args.mixed_precision,
+        ema_decay=args.ema_decay, uncond_prob=args.uncond_prob, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, eval_samples=args.eval_samples,
+        gradient_checkpointing=args.gradient_checkpointing, device=args.device)
+    options.validate()  # bad flags, a missing folder and an unwritable --out fail before any model loads
+    if args.data is not None and not args.data.is_dir():
+        raise LaptopDeployError(f"--data {args.data}: no such folder")
+    prompts = read_prompts(args.prompts) if args.prompts is not None else None
+    prepare_run_folder(args.out, resume=args.resume, force=args.force)
+    student_path = Path(args.student)
+    if not student_path.is_dir():
+        raise LaptopDeployError(f"--student {student_path}: no such folder (write one with `laptop-deploy prune`)")
+    teacher_seed = args.teacher_seed
+    if teacher_seed is None and is_student_folder(student_path):
+        teacher_seed = read_student_meta(student_path).get("teacher", {}).get("seed", 0)
+    student = resolve_model(str(student_path))
+    teacher = resolve_model(args.teacher, seed=teacher_seed or 0, allow_pickle=args.allow_pickle)
+    config = teacher.unet.config
+    latent_size = tuple(args.latent_size) if args.latent_size else (config.sample_size, config.sample_size)
+    check_latent_size(config, *latent_size)
+    if prompts is not None:
+        data = prompt_data(teacher, prompts, latent_size=latent_size)
+    else:
+        data = image_data(teacher, args.data, latent_size=latent_size, cache_dir=args.cache_dir,
+                          progress=_counter_bar)
+    run = prepare_run(teacher, student, data, options, args.out, progress=_step_bar())
+    if args.force and not args.resume:
+        clear_run_folder(args.out)
+    summary = distill(run, resume=args.resume)
+    if not run.env.main:
+        return None, ""  # under torchrun / accelerate launch only rank 0 reports
+    return summary, _distill_text(summary)
+
+
+def _counter_bar(description: str, total: int):
+    start = _progress_bar(description)
+    return start(total) if start else None
+
+
+def _step_bar():
+    """A tqdm bar over optimizer steps with the loss terms (stderr terminals only)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(step: int, total: int, record: dict[str, Any]) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, initial=step - 1, desc="distill", unit="step", file=sys.stderr)
+        bar["bar"].set_postfix({k: f"{record[k]:.3g}" for k in ("total", "out", "feat", "task") if k in record},
+                               refresh=False)
+        bar["bar"].update(1)
+        if step == total:
+            bar["bar"].close()
+
+    return update
+
+
+def _distill_text(summary: dict[str, Any]) -> str:
+    from .report import format_value
+
+    evals = summary["eval"]
+    start = evals.get("start", {}).get("total")
+    end = evals["end"]["total"]
+    ema = evals.get("end_ema", {}).get("total")
+    speed = (f"{summary['steps_per_s']:.2f} steps/s, {summary['samples_per_s']:.1f} samples/s"
+             if summary["steps_per_s"] else "no steps run")
+    resumed = f", resumed at step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""
+    text = (f"distilled {summary['steps_run']} steps{resumed} on {summary['device']} in {summary['seconds']:.1f} s "
+            f"({speed}); eval loss {format_value(start)} -> {format_value(end)}"
+            + (f" (EMA {format_value(ema)})" if ema is not None else ""))
+    data = summary["data"]
+    if data.get("skipped_unreadable") or data.get("skipped_no_caption"):
+        text += (f"\nnote: skipped {data.get('skipped_unreadable', 0)} unreadable images and "
+                 f"{data.get('skipped_no_caption', 0)} without a caption (first: "
+                 f"{', '.join(data.get('unreadable', [])[:3]) or 'n/a'})")
+    text += f"\nstudent, distill_summary.json, distill_log.jsonl and checkpoints/ written to {summary['out']}"
+    return text

@@ -94,6 +94,17 @@ def save_student(student: nn.Module, out: Path, *, teacher: dict[str, Any], forc
     return write_atomically(out, write, force=force)
 
 
+def publish_student(student: nn.Module, folder: Path, **kwargs: Any) -> Path:
+    """:func:`save_student` into an existing folder that holds other files (a distillation run): staged in a
+    subfolder, then each file renamed into place, the metadata last — the folder is a student only once whole."""
+    staging = folder / ".student-staging"
+    save_student(student, staging, force=True, **kwargs)
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == META_FILE):
+        os.replace(path, folder / path.name)
+    staging.rmdir()
+    return folder
+
+
 def read_student_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META_FILE).read_text())

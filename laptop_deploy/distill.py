@@ -1,0 +1,663 @@
+"""Retraining a pruned student by knowledge distillation from its teacher (LAPTOP-Diff's normalized feature KD).
+
+The loss of one batch, with ε the U-Net outputs and F_l the output of stage l (every down block, the mid block,
+every up block)::
+
+    L = λ_task·‖ε_S − target‖² + λ_out·‖ε_S − ε_T‖² + λ_feat·Σ_l D_l
+    D_l = ‖F_l^S − F_l^T‖² / ‖F_l^T‖²    (--feature-norm l2: per sample, teacher norm detached, batch mean)
+    D_l = mean (F_l^S − F_l^T)²          (--feature-norm none: BK-SDM's plain feature KD)
+
+Squared norms ‖·‖² of the first two terms are element means (MSE), as in BK-SDM. ``target`` is the noise (or v for
+v-prediction teachers); the task term defaults off for data-free runs, where x₀ is noise and the target means little.
+
+Training: AdamW, warm-up then constant or cosine learning rate, gradient accumulation and clipping, an EMA of the
+student's weights (the output), CUDA autocast in bf16, or fp16 with loss scaling; fp32 on CPU. Every random number
+comes from (seed, sample position) (see :mod:`laptop_deploy.distill_data`), so a checkpoint — written
+atomically every N steps with the model, EMA, optimizer, scheduler, loss scaler, RNG states and step — resumes to
+the same weights as an uninterrupted run. ``torchrun`` / ``accelerate launch`` start one process per GPU: each wraps
+the student in DDP; feature taps are registered on the unwrapped model, so they survive any wrapper.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import alphas_cumprod, prediction_type
+from .distill_data import DistillData, move_to
+from .errors import LaptopDeployError, OutputError
+from .layers import stages, tap_stages
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "last.pt"
+LOG_FILE = "distill_log.jsonl"
+SUMMARY_FILE = "distill_summary.json"
+CHECKPOINT_VERSION = 1
+FEATURE_NORMS = ("l2", "none")
+MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULES = ("constant", "cosine")
+
+
+class DistillError(LaptopDeployError):
+    """Distillation settings, models or checkpoints that cannot be used together."""
+
+
+@dataclass
+class DistillOptions:
+    """Every setting of a distillation run; see ``laptop-deploy distill --help`` for each one's meaning."""
+
+    steps: int
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    lambda_task: float | None = None
+    lambda_out: float = 1.0
+    lambda_feat: float = 1.0
+    feature_norm: str = "l2"
+    mixed_precision: str = "no"
+    ema_decay: float = 0.9999
+    uncond_prob: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 500
+    eval_samples: int = 8
+    gradient_checkpointing: bool = False
+    device: str | None = None
+
+    def validate(self) -> None:
+        """Cheap checks, before any model is loaded."""
+        positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--checkpoint-every": self.checkpoint_every, "--eval-samples": self.eval_samples}
+        for flag, value in positive.items():
+            if value < 1:
+                raise DistillError(f"{flag} must be at least 1, got {value}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise DistillError(f"--lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise DistillError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_schedule not in SCHEDULES:
+            raise DistillError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(SCHEDULES)}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise DistillError(f"--feature-norm {self.feature_norm}: expected one of {', '.join(FEATURE_NORMS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DistillError(f"--mixed-precision {self.mixed_precision}: expected no, fp16 or bf16")
+        lambdas = {"--lambda-out": self.lambda_out, "--lambda-feat": self.lambda_feat,
+                   "--lambda-task": self.lambda_task or 0.0, "--weight-decay": self.weight_decay,
+                   "--max-grad-norm": self.max_grad_norm}
+        for flag, value in lambdas.items():
+            if value < 0 or not math.isfinite(value):
+                raise DistillError(f"{flag} must be a non-negative number, got {value}")
+        if self.lambda_out == 0 and self.lambda_feat == 0 and not self.lambda_task:
+            raise DistillError("every loss weight is 0 (--lambda-task, --lambda-out, --lambda-feat): nothing to train")
+        if not 0 <= self.ema_decay < 1:
+            raise DistillError(f"--ema-decay must be in [0, 1), got {self.ema_decay} (0 disables the EMA)")
+        if not 0 <= self.uncond_prob <= 1:
+            raise DistillError(f"--uncond-prob must be in [0, 1], got {self.uncond_prob}")
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / accelerate / torch.compile wrappers (hooks must go on this one: BK-SDM's bug)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+class FeatureTaps:
+    """Stage outputs of one U-Net, captured by forward hooks on the unwrapped model, popped after each forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = unwrap(model)
+        self.names = [name for name, _ in stages(inner)]
+        self._sink: list[torch.Tensor] = []
+        self._handles = tap_stages(inner, self._sink)
+
+    def pop(self) -> list[torch.Tensor]:
+        out, self._sink[:] = list(self._sink), []
+        if len(out) != len(self.names):
+            raise RuntimeError(f"captured {len(out)} stage outputs, expected {len(self.names)} (hooks lost?)")
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def feature_terms(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+    """Per stage: plain MSE (BK-SDM) and the normalized ‖F_S − F_T‖² / ‖F_T‖² (per sample, then batch mean)."""
+    raw, normalized = [], []
+    for s, t in zip(student, teacher):
+        t = t.detach()
+        diff = (s - t).pow(2)
+        raw.append(diff.mean())
+        per_sample = diff.flatten(1).sum(1) / t.pow(2).flatten(1).sum(1).clamp_min(torch.finfo(t.dtype).tiny)
+        normalized.append(per_sample.mean())
+    return raw, normalized
+
+
+def distill_loss(options: DistillOptions, *, lambda_task: float, s_out: torch.Tensor, t_out: torch.Tensor,
+                 target: torch.Tensor, s_feats: list[torch.Tensor] | None, t_feats: list[torch.Tensor] | None,
+                 names: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The total loss of one micro-batch and its terms (floats) for the log, before and after normalization."""
+    s_out = s_out.float()
+    out = F.mse_loss(s_out, t_out.float())
+    task = F.mse_loss(s_out, target.float()) if lambda_task else torch.zeros((), device=s_out.device)
+    total = options.lambda_out * out + lambda_task * task
+    record: dict[str, Any] = {"task": task.item(), "out": out.item()}
+    if s_feats is not None:
+        raw, normalized = feature_terms(s_feats, t_feats)
+        used = normalized if options.feature_norm == "l2" else raw
+        feat = torch.stack(used).sum()
+        total = total + options.lambda_feat * feat
+        record.update({"feat": feat.item(),
+                       "feat_raw": {n: v.item() for n, v in zip(names, raw)},
+                       "feat_normalized": {n: v.item() for n, v in zip(names, normalized)},
+                       "feat_contrib": {n: options.lambda_feat * v.item() for n, v in zip(names, used)}})
+    record["total"] = total.item()
+    record["contrib"] = {"task": lambda_task * record["task"], "out": options.lambda_out * record["out"],
+                         "feat": options.lambda_feat * record.get("feat", 0.0)}
+    return total, record
+
+
+def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in records[0].items():
+        if isinstance(value, dict):
+            out[key] = _mean_records([r[key] for r in records])
+        else:
+            out[key] = sum(r[key] for r in records) / len(records)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the models
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_student(teacher: nn.Module, student: nn.Module, *, student_name: str, teacher_name: str) -> None:
+    """The student must be the teacher's architecture with units removed: same config, every tensor a teacher's."""
+    tc = {k: _plain(v) for k, v in dict(teacher.config).items() if not k.startswith("_")}
+    sc = {k: _plain(v) for k, v in dict(student.config).items() if not k.startswith("_")}
+    for key in sorted(set(tc) | set(sc)):
+        if tc.get(key) != sc.get(key):
+            raise DistillError(f"student {student_name} does not match teacher {teacher_name}: config '{key}' is "
+                               f"{sc.get(key)!r} in the student, {tc.get(key)!r} in the teacher")
+    shapes = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+    foreign = [k for k in student.state_dict() if k not in shapes]
+    wrong = [k for k, v in student.state_dict().items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if foreign or wrong:
+        first = (foreign or wrong)[0]
+        raise DistillError(f"student {student_name} does not match teacher {teacher_name}: {len(foreign)} tensors "
+                           f"the teacher lacks and {len(wrong)} of another shape (first: {first})")
+
+
+@dataclass
+class DistEnv:
+    """One process of a ``torchrun`` / ``accelerate launch`` job (world size 1 without either)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistEnv:
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str | None, env: DistEnv) -> torch.device:
+    """``--device``, else CUDA when available (one GPU per process under torchrun), else the CPU."""
+    from .scoring import resolve_device
+
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
+    return device
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+class _Schedule:
+    """Learning-rate factor: linear warm-up, then constant or cosine decay to 0 at ``total`` steps."""
+
+    def __init__(self, kind: str, warmup: int, total: int) -> None:
+        self.kind, self.warmup, self.total = kind, warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fsync_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(file)`` into a temporary sibling, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DistillError(f"--resume: no checkpoint at {path} (nothing to resume; drop --resume to start)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+        raise DistillError(f"--resume: checkpoint {path} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise DistillError(f"--resume: {path} is not a laptop-deploy distillation checkpoint "
+                           f"v{CHECKPOINT_VERSION}")
+    return state
+
+
+def _fingerprint(options: DistillOptions, lambda_task: float, teacher: dict[str, Any], student: dict[str, Any],
+                 data: DistillData, env: DistEnv) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resumption (``--steps`` may grow unless cosine)."""
+    settings = {k: v for k, v in asdict(options).items() if k not in ("steps", "checkpoint_every", "device",
+                                                                       "gradient_checkpointing", "lambda_task")}
+    if options.lr_schedule == "cosine":
+        settings["steps"] = options.steps
+    settings["lambda_task"] = lambda_task
+    described = {k: v for k, v in data.description.items() if k in ("kind", "samples", "folder", "cache")}
+    return _plain({"settings": settings, "teacher": teacher, "student": student, "data": described,
+                   "world_size": env.world_size})
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} (checkpoint) vs {b!r} (now)")
+    return out
+
+
+def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> None:
+    """A fresh run needs an empty or new ``--out``; ``--resume`` needs its checkpoint. Checked (writability too)
+    before anything is loaded, and without creating anything."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is an existing file; give a folder path")
+    if resume:
+        if force:
+            raise DistillError("--resume and --force contradict each other (--force starts over)")
+        if not (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
+            raise DistillError(f"--resume: no checkpoint at {out / CHECKPOINT_DIR / CHECKPOINT_FILE} "
+                               f"(nothing to resume; drop --resume to start)")
+    elif out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"--out {out} is a non-empty folder; pass --resume to continue its run or --force to "
+                          f"start over")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    try:  # a real probe (os.access says yes to root on read-only mounts); it leaves nothing behind
+        if not existing.is_dir():
+            raise NotADirectoryError
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
+    except OSError:
+        raise OutputError(f"--out {out}: cannot write there ({existing} is not a writable folder)") from None
+
+
+def _clear(out: Path) -> None:
+    import shutil
+
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint (a killed run logged steps it will now redo)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if record.get("step", 0) <= step and not record.get("event") == "end":
+            kept.append(line)
+    _fsync_write(path, lambda handle: handle.write("".join(f"{line}\n" for line in kept).encode()))
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Ema:
+    """Exponential moving average of the student's parameters, with diffusers' warm-up min(decay, (1+n)/(10+n))."""
+
+    decay: float
+    shadow: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module, decay: float) -> _Ema:
+        return cls(decay, {n: p.detach().clone().float() for n, p in model.named_parameters()})
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if not self.decay:
+            return
+        weight = 1 - min(self.decay, (1 + step) / (10 + step))
+        named = dict(model.named_parameters())
+        shadow = list(self.shadow.values())
+        torch._foreach_lerp_(shadow, [named[n].detach().float() for n in self.shadow], weight)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            param.copy_(self.shadow[name])
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Join the torchrun / accelerate launch process group (NCCL on CUDA, gloo on the CPU) once."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+@contextmanager
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    with torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext():
+        yield
+
+
+@dataclass
+class DistillRun:
+    """The models, data and options of one run; :meth:`run` trains and writes ``out``."""
+
+    teacher: nn.Module
+    student: nn.Module
+    data: DistillData
+    options: DistillOptions
+    out: Path
+    noise_schedule: torch.Tensor
+    prediction: str
+    teacher_info: dict[str, Any]
+    student_info: dict[str, Any]
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None
+    env: DistEnv = field(default_factory=dist_env)
+
+    @property
+    def lambda_task(self) -> float:
+        if self.options.lambda_task is not None:
+            return self.options.lambda_task
+        return 0.0 if self.data.latent_mean is None else 1.0
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        opts, env = self.options, self.env
+        device = pick_device(opts.device, env)
+        if device.type == "cpu" and opts.mixed_precision != "no":
+            raise DistillError(f"--mixed-precision {opts.mixed_precision} needs a CUDA GPU; on the CPU training "
+                               f"runs in fp32 (--mixed-precision no)")
+        amp = MIXED_PRECISION[opts.mixed_precision]
+        if env.world_size > 1:
+            _init_distributed(device)
+        torch.manual_seed(opts.seed)
+        teacher = self.teacher.to(device).eval().requires_grad_(False)
+        student = self.student.to(device).train().requires_grad_(True)
+        if opts.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(opts.lr_schedule, opts.warmup_steps,
+                                                                           opts.steps))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+        ema = _Ema.of(student, opts.ema_decay)
+        fingerprint = _fingerprint(opts, self.lambda_task, self.teacher_info, self.student_info, self.data, env)
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint_path = self.out / CHECKPOINT_DIR / CHECKPOINT_FILE
+        log_path = self.out / LOG_FILE
+        start_step = 0
+        if resume:
+            state = load_checkpoint(checkpoint_path)
+            changed = _differences(state["fingerprint"], fingerprint)
+            if changed:
+                raise DistillError(f"--resume: the checkpoint was made with other settings: {'; '.join(changed[:4])}")
+            student.load_state_dict(state["student"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            ema.shadow = {n: t.to(device) for n, t in state["ema"].items()}
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+            start_step = state["step"]
+            if env.main:
+                _truncate_log(log_path, start_step)
+        model = student
+        if env.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(
+                student, device_ids=[device.index] if device.type == "cuda" else None)
+        taps = (FeatureTaps(model), FeatureTaps(teacher)) if opts.lambda_feat > 0 else None
+        names = taps[0].names if taps else []
+        eval_batch = self._eval_batch(device)
+        started = time.perf_counter()
+        evals: dict[str, Any] = {}
+        if start_step == 0:
+            evals["start"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
+            self._log(log_path, {"event": "eval", "step": 0, "which": "student", **evals["start"]})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_seconds: list[float] = []
+        try:
+            for step in range(start_step, opts.steps):
+                tick = time.perf_counter()
+                record = self._step(step, model, teacher, taps, names, optimizer, scaler, amp, device, params)
+                scheduler.step()
+                ema.update(student, step)
+                record.update({"step": step + 1, "lr": scheduler.get_last_lr()[0],
+                               "seconds": time.perf_counter() - tick})
+                step_seconds.append(record["seconds"])
+                self._log(log_path, record)
+                if self.progress is not None and env.main:
+                    self.progress(step + 1, opts.steps, record)
+                if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps:
+                    self._checkpoint(checkpoint_path, step + 1, student, optimizer, scheduler, scaler, ema,
+                                     fingerprint, device)
+        finally:
+            if taps:
+                for tap in taps:
+                    tap.remove()
+        seconds = time.perf_counter() - started
+        taps = (FeatureTaps(student), FeatureTaps(teacher)) if opts.lambda_feat > 0 else None
+        evals["end"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
+        if opts.ema_decay:
+            ema.copy_to(student)
+            evals["end_ema"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
+        for tap in taps or ():
+            tap.remove()
+        self._log(log_path, {"event": "end", "step": opts.steps, **{f"eval_{k}": v["total"] for k, v in
+                                                                      evals.items()}})
+        return self._summary(start_step, seconds, step_seconds, evals, device, names, checkpoint_path, log_path)
+
+    def _step(self, step: int, model: nn.Module, teacher: nn.Module, taps: tuple[FeatureTaps, ...] | None,
+              names: list[str], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+              amp: torch.dtype | None, device: torch.device, params: list[nn.Parameter]) -> dict[str, Any]:
+        opts, env = self.options, self.env
+        records = []
+        for micro in range(opts.grad_accum):
+            start = ((step * opts.grad_accum + micro) * env.world_size + env.rank) * opts.batch_size
+            inputs, target = self.data.draw(start=start, batch_size=opts.batch_size, seed=opts.seed,
+                                            alphas_cumprod=self.noise_schedule, prediction=self.prediction,
+                                            uncond_prob=opts.uncond_prob)
+            inputs, target = move_to(inputs, device), target.to(device)
+            with torch.no_grad(), _autocast(device, amp):
+                t_out = teacher(**inputs, return_dict=False)[0]
+            t_feats = taps[1].pop() if taps else None
+            sync = micro == opts.grad_accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+            with nullcontext() if sync else model.no_sync():
+                with _autocast(device, amp):
+                    s_out = model(**inputs, return_dict=False)[0]
+                s_feats = taps[0].pop() if taps else None
+                loss, record = distill_loss(opts, lambda_task=self.lambda_task, s_out=s_out, t_out=t_out,
+                                            target=target, s_feats=s_feats, t_feats=t_feats, names=names)
+                if not math.isfinite(record["total"]):
+                    raise DistillError(f"step {step + 1}: the loss is {record['total']}; with --mixed-precision "
+                                       f"fp16 this is usually an overflow (use bf16), else lower --lr")
+                scaler.scale(loss / opts.grad_accum).backward()
+            records.append(record)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm if opts.max_grad_norm else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        record = _mean_records(records)
+        record["grad_norm"] = float(grad_norm)
+        record["samples"] = opts.batch_size * opts.grad_accum * env.world_size
+        return record
+
+    def _eval_batch(self, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+        """A fixed batch (its own random stream) on which the start and end losses are compared."""
+        count = min(self.options.eval_samples, max(len(self.data), 1))
+        inputs, target = self.data.draw(start=0, batch_size=count, seed=self.options.seed, stream="eval",
+                                        alphas_cumprod=self.noise_schedule, prediction=self.prediction)
+        return move_to(inputs, device), target.to(device)
+
+    @torch.no_grad()
+    def _evaluate(self, student: nn.Module, teacher: nn.Module, taps: Any, batch: Any, names: list[str],
+                  amp: torch.dtype | None) -> dict[str, Any]:
+        inputs, target = batch
+        was_training = student.training
+        student.eval()
+        with _autocast(target.device, amp):
+            t_out = teacher(**inputs, return_dict=False)[0]
+            t_feats = taps[1].pop() if taps else None
+            s_out = student(**inputs, return_dict=False)[0]
+            s_feats = taps[0].pop() if taps else None
+        _, record = distill_loss(self.options, lambda_task=self.lambda_task, s_out=s_out, t_out=t_out,
+                                 target=target, s_feats=s_feats, t_feats=t_feats, names=names)
+        student.train(was_training)
+        return record
+
+    def _checkpoint(self, path: Path, step: int, student: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+                    ema: _Ema, fingerprint: dict[str, Any], device: torch.device) -> None:
+        if self.env.main:
+            save_checkpoint(path, {
+                "version": CHECKPOINT_VERSION, "step": step, "fingerprint": fingerprint,
+                "samples_seen": step * self.options.batch_size * self.options.grad_accum * self.env.world_size,
+                "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+                "ema": {k: v.cpu() for k, v in ema.shadow.items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
+        if self.env.world_size > 1:
+            torch.distributed.barrier()
+
+    def _log(self, path: Path, record: dict[str, Any]) -> None:
+        if self.env.main:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _summary(self, start_step: int, seconds: float, step_seconds: list[float], evals: dict[str, Any],
+                 device: torch.device, names: list[str], checkpoint: Path, log: Path) -> dict[str, Any]:
+        opts = self.options
+        samples = opts.batch_size * opts.grad_accum * self.env.world_size
+        timed = step_seconds[1:] or step_seconds  # the first step pays for allocator and kernel warm-up
+        per_step = sum(timed) / len(timed) if timed else None
+        if device.type == "cuda":
+            peak = {"cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+        else:
+            import resource
+
+            peak = {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return {
+            "teacher": self.teacher_info, "student": self.student_info, "data": self.data.description,
+            "options": {**asdict(opts), "lambda_task": self.lambda_task}, "stages": names,
+            "prediction_type": self.prediction, "device": str(device), "world_size": self.env.world_size,
+            "steps": opts.steps, "resumed_from_step": start_step or None, "steps_run": opts.steps - start_step,
+            "seconds": seconds, "steps_per_s": 1 / per_step if per_step else None,
+            "samples_per_s": samples / per_step if per_step else None, "samples_per_step": samples, **peak,
+            "eval": evals, "checkpoint": str(checkpoint), "log": str(log),
+        }
+
+
+def prepare_run(teacher: Any, student: Any, data: DistillData, options: DistillOptions, out: Path, *,
+                progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> DistillRun:
+    """A run from two resolved model sources (:class:`~laptop_deploy.sources.ModelSource`): checks that the student
+    is the teacher with units removed, and takes the noise schedule and prediction type from the teacher."""
+    check_student(teacher.unet, student.unet, student_name=student.spec, teacher_name=teacher.spec)
+    student_info = {"spec": student.spec, "kind": student.kind, "removed": list(student.removed),
+                    "params": sum(p.numel() for p in student.unet.parameters())}
+    return DistillRun(teacher.unet, student.unet, data, options, out, alphas_cumprod(teacher),
+                      prediction_type(teacher), teacher.describe(), student_info, progress)
+
+
+def clear_run_folder(out: Path) -> None:
+    """``--force``: empty ``out`` (called once the models and data have loaded, so a bad flag destroys nothing)."""
+    if out.is_dir():
+        _clear(out)
+
+
+def distill(run: DistillRun, *, resume: bool = False) -> dict[str, Any]:
+    """Train ``run``, then write the (EMA) student into ``run.out`` in the student format, with
+    ``distill_summary.json``; the student's metadata file appears last, so a folder is a student only when whole."""
+    from .student import publish_student
+
+    summary = run.run(resume=resume)
+    summary["out"] = str(run.out)
+    if run.env.main:
+        evals = summary["eval"]
+        final = evals.get("end_ema", evals["end"])
+        publish_student(run.student.cpu().eval(), run.out, teacher=run.teacher_info,
+                        extra={"distilled": {"steps": summary["steps"], "feature_norm": run.options.feature_norm,
+                                             "ema": bool(run.options.ema_decay), "eval_total": final["total"]}},
+                        files={SUMMARY_FILE: json.dumps(summary, indent=2) + "\n"})
+    if run.env.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
