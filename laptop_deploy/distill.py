@@ -354,6 +354,15 @@ def _clear(out: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
+def _logged_start(path: Path) -> dict[str, Any]:
+    """The step-0 evaluation a resumed run's log already holds (so the summary still compares start and end)."""
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record.get("event") == "eval" and record.get("step") == 0:
+            return {"start": {k: v for k, v in record.items() if k not in ("event", "step", "which")}}
+    return {}
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines of steps after the checkpoint (a killed run logged steps it will now redo)."""
     if not path.is_file():
@@ -490,6 +499,8 @@ class DistillRun:
         if start_step == 0:
             evals["start"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
             self._log(log_path, {"event": "eval", "step": 0, "which": "student", **evals["start"]})
+        elif env.main:
+            evals.update(_logged_start(log_path))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step_seconds: list[float] = []
