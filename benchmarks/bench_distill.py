@@ -39,12 +39,12 @@ def _one(args: argparse.Namespace) -> dict:
     from laptop_deploy.distill import DistillOptions, prepare_run
     from laptop_deploy.distill_data import prompt_data
     from laptop_deploy.handcrafted import handcrafted_removal
-    from laptop_deploy.layers import apply_removal
     from laptop_deploy.sources import ModelSource, resolve_model
+    from laptop_deploy.student import make_student
 
     teacher = resolve_model(args.model)
     removed = handcrafted_removal("bk-sdm-small", teacher.unet.config)
-    student = ModelSource("bk-sdm-small student", "student", apply_removal(copy.deepcopy(teacher.unet), removed),
+    student = ModelSource("bk-sdm-small student", "student", make_student(copy.deepcopy(teacher.unet), removed),
                           teacher.family, removed=removed)
     size = tuple(args.latent_size) if args.latent_size else (teacher.unet.config.sample_size,) * 2
     data = prompt_data(teacher, PROMPTS, latent_size=size)
@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     memory = "cuda_peak_allocated_mb" if "cuda_peak_allocated_mb" in rows[0] else "cpu_peak_rss_mb"
     command = "python benchmarks/bench_distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Distillation step cost — {args.model}, {rows[0]['device']}, batch {args.batch_size}, latent "
-             f"{rows[0]['latent_size'][0]}×{rows[0]['latent_size'][1]}, {args.mixed_precision} precision",
+             f"{rows[0]['latent_size'][0]}×{rows[0]['latent_size'][1]}, "
+             f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision + ' autocast'}",
              "", f"`{command.strip()}`", "",
              f"Student: BK-SDM-Small removal ({rows[0]['student_params']:,} of {rows[0]['teacher_params']:,} "
-             f"params); {args.steps} steps per variant, the first untimed; one process per variant.", "",
+             f"params); {args.steps} steps per variant, the first untimed (steps/s = 1 / mean step time); one "
+             f"process per variant; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}.", "",
              f"| variant | steps/s | samples/s | step time vs output-KD | peak memory MB ({memory}) |",
              "|---|---:|---:|---:|---:|"]
     for row in rows:
