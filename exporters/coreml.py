@@ -26,16 +26,9 @@ Steps (into the caller's temporary folder; ``laptop-deploy export`` moves it int
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib.util
-import io
 import logging
-import os
-import resource
-import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +47,7 @@ from ..errors import LaptopDeployError
 from ..manifest import Manifest, file_entry, tool_versions, write_manifest
 from ..spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
 from ..verify import Tolerances, compare
+from .console import peak_rss_mb, quiet
 
 MODEL_DIR = "model.mlpackage"
 WEIGHTS_DIR = "Data/com.apple.CoreML/weights"
@@ -163,7 +157,7 @@ def export(unet: nn.Module, spec: ExportSpec, out_dir: Path, *, source: dict[str
     mlmodel = compress(mlmodel, options)
     mlmodel.short_description = f"U-Net noise prediction ({source.get('spec', 'unknown model')})"
     mlmodel.user_defined_metadata.update(metadata(unet, spec, source=source, options=options))
-    with _quiet():
+    with quiet("coremltools", python_stderr=True):
         mlmodel.save(str(out_dir / MODEL_DIR))
     del mlmodel
     summary = read_package(out_dir / MODEL_DIR)
@@ -182,7 +176,7 @@ def trace_unet(unet: nn.Module, spec: ExportSpec) -> torch.jit.ScriptModule:
     wrapper = wrap_unet(unet, spec)
     args = torch_inputs(spec, spec.example_feeds(seed=0))
     try:
-        with _quiet(), torch.no_grad():
+        with quiet("coremltools", python_stderr=True), torch.no_grad():
             return torch.jit.trace(wrapper, args)
     except Exception as exc:  # tracing failures come as many exception types
         raise CoreMLExportError(f"torch.jit.trace failed: {type(exc).__name__}: {_first_line(exc)}") from exc
@@ -218,7 +212,7 @@ def convert(traced: torch.jit.ScriptModule, spec: ExportSpec, options: CoreMLOpt
     precision = (ct.transform.FP16ComputePrecision(op_selector=fp16_op_selector())
                  if spec.precision == "fp16" else ct.precision.FLOAT32)
     try:
-        with _quiet():
+        with quiet("coremltools", python_stderr=True):
             return ct.convert(traced, source="pytorch", convert_to="mlprogram", inputs=inputs, outputs=outputs,
                               compute_precision=precision, compute_units=getattr(ct.ComputeUnit, options.compute_units),
                               minimum_deployment_target=getattr(ct.target, _ios(options.deployment_target)))
@@ -272,7 +266,7 @@ def compress(mlmodel: Any, options: CoreMLOptions) -> Any:
     else:
         return mlmodel
     try:
-        with _quiet():
+        with quiet("coremltools", python_stderr=True):
             return action(mlmodel, config=config)
     except Exception as exc:
         raise CoreMLExportError(f"{action.__name__} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
@@ -299,7 +293,7 @@ def read_package(path: Path) -> PackageSummary:
     """Read a saved ``.mlpackage`` without compiling it (works on Linux): I/O, op histogram, weight bytes."""
     if not (path / "Manifest.json").is_file():
         raise CoreMLExportError(f"{path}: not an .mlpackage (no Manifest.json)")
-    with _quiet():
+    with quiet("coremltools", python_stderr=True):
         model_spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     if model_spec.WhichOneof("Type") != "mlProgram":
         raise CoreMLExportError(f"{path}: a {model_spec.WhichOneof('Type')} model, expected an mlProgram")
@@ -372,39 +366,8 @@ def summary_lines(summary: PackageSummary, options: CoreMLOptions, parity: dict[
              f"(Core ML prediction itself needs macOS: laptop-deploy verify there)")]
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(exc).__name__
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep tracer warnings, coremltools' progress bars (tqdm on stderr) and its log (unsupported-torch-version
-    warnings, missing macOS-only proxies) off the console: ``--json`` owns stdout and errors are one line."""
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        logger.setLevel(level)

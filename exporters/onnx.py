@@ -16,18 +16,10 @@ Steps (each writes into the caller's temporary folder; ``laptop-deploy export`` 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
-import logging
-import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +32,7 @@ from torch import nn
 from ..errors import LaptopDeployError
 from ..manifest import Manifest, describe_files, tool_versions, write_manifest
 from ..spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
+from .console import peak_rss_mb, quiet
 from .onnx_fp16 import convert_to_fp16
 
 MODEL_FILE = "model.onnx"
@@ -137,7 +130,7 @@ def export_fp32(unet: nn.Module, spec: ExportSpec, folder: Path, *, options: Onn
     external = _weight_bytes(unet) > PROTOBUF_LIMIT
     path = folder / MODEL_FILE
     try:
-        with _quiet(), torch.no_grad():
+        with quiet("torch.onnx"), torch.no_grad():
             if options.exporter == "dynamo":
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, opset_version=options.opset, input_names=spec.input_names,
@@ -184,7 +177,7 @@ def slim(path: Path, out: Path) -> Path:
     """onnxslim over ``path``, saved to ``out`` (external data above 2 GiB)."""
     import onnxslim
 
-    with _quiet():
+    with quiet("torch.onnx"):
         model = onnxslim.slim(str(path))
     if model is None:
         raise ExportError("onnxslim returned no model (its own check failed); export without --slim")
@@ -231,39 +224,7 @@ def _check_value(tensor: Any, value: onnx.ValueInfoProto) -> None:
             raise ExportError(f"{tensor.name}: axis {axis} is {dim.dim_value} in the graph, {want} in the spec")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def _weight_bytes(unet: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unet.state_dict().values())
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep exporter chatter off the console: ``--json`` owns stdout and errors are one line on stderr. The
-    TorchScript exporter prints its whole IR from C++ on failure, so file descriptors 1 and 2 are redirected,
-    not just ``sys.stdout``; Python warnings and torch.onnx's registration log are muted too."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        logger.setLevel(level)
