@@ -19,6 +19,9 @@ from ..errors import LaptopDeployError
 TARGETS: dict[str, tuple[str, str]] = {
     "onnx": ("laptop_deploy.exporters.onnx", "onnx"),
     "ort-mobile": ("laptop_deploy.exporters.ort_mobile", "onnx"),
+    # the ONNX exporter is what the module imports; tensorrt (the [trt] extra) is checked when an engine is built
+    "trt": ("laptop_deploy.exporters.tensorrt", "onnx"),
+    "coreml": ("laptop_deploy.exporters.coreml", "coreml"),
 }
 
 

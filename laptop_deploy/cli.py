@@ -40,6 +40,39 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="allow .ckpt files that need arbitrary-code unpickling (only for files you trust)")
 
 
+def _coreml_args(group: Any) -> None:  # an argparse argument group
+    group.add_argument("--compute-units", default="ALL", choices=("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY"),
+                       help="the package's default Core ML compute units (default ALL)")
+    group.add_argument("--deployment-target", default="iOS17", metavar="OS",
+                       help="minimum OS: iOS16, iOS17 (default), iOS18, macOS13, macOS14, macOS15")
+    group.add_argument("--palettize", type=int, metavar="BITS", help="k-means weight palettization: 4, 6 or 8 bits")
+    group.add_argument("--quantize", type=int, metavar="BITS", help="linear weight quantization: 8, or 4 (iOS18+)")
+    group.add_argument("--coreml-sizes", metavar="HxW,...",
+                       help="further latent sizes the package accepts (EnumeratedShapes), e.g. 64x64,96x64")
+
+
+def _tensorrt_args(group: Any) -> None:  # an argparse argument group
+    group.add_argument("--dry-run", action="store_true",
+                       help="no TensorRT or GPU needed: write the ONNX graph and the build plan, print the "
+                            "polygraphy/trtexec commands that build the engine on a GPU machine")
+    group.add_argument("--trt-typing", default="auto", choices=("auto", "strong", "weak"),
+                       help="strong: precision from the graph (fp16 ONNX); weak: fp32 graph + the FP16 builder "
+                            "flag; auto (default): strong for fp16, weak for fp32")
+    group.add_argument("--trt-no-cfg", action="store_true",
+                       help="dynamic profile without classifier-free guidance (default: batch = 2 x images)")
+    group.add_argument("--trt-max-images", type=int, metavar="N",
+                       help="images per call at the dynamic profile's max (default --batch)")
+    group.add_argument("--trt-min-latent", type=int, nargs=2, metavar=("H", "W"),
+                       help="dynamic profile's smallest latent size (default half the opt size)")
+    group.add_argument("--trt-max-latent", type=int, nargs=2, metavar=("H", "W"),
+                       help="dynamic profile's largest latent size (default twice the opt size)")
+    group.add_argument("--trt-opt-level", type=int, default=3, metavar="0-5",
+                       help="builder optimisation level (default 3)")
+    group.add_argument("--trt-workspace", type=int, metavar="MIB", help="workspace memory pool limit in MiB")
+    group.add_argument("--trt-timing-cache", type=Path, metavar="FILE",
+                       help="timing cache to start from when it exists; the build's cache is written back")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Prune, distill, export and verify Stable Diffusion U-Nets.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
@@ -83,12 +116,66 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     _common(prune)
 
+    distill = verbs.add_parser("distill", help="retrain a pruned student from its teacher (normalized feature KD)")
+    distill.set_defaults(handler="laptop_deploy.commands:distill")
+    distill.add_argument("--teacher", required=True, metavar="M", help="the teacher, as --model elsewhere")
+    distill.add_argument("--student", required=True, metavar="DIR", help="student folder written by `prune`")
+    data = distill.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path, metavar="DIR",
+                      help="images with captions (a .txt beside each, or metadata.jsonl), VAE-encoded and cached")
+    data.add_argument("--prompts", type=Path, metavar="FILE", help="data-free: prompts, one per line")
+    distill.add_argument("--steps", type=int, required=True, metavar="N", help="optimizer steps")
+    distill.add_argument("--out", required=True, type=Path, metavar="DIR",
+                         help="run folder: checkpoints, log, then the distilled student")
+    distill.add_argument("--batch-size", type=int, default=4, metavar="B", help="per process and micro-batch "
+                                                                                  "(default 4)")
+    distill.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (default 1)")
+    distill.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5, BK-SDM's)")
+    distill.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                         help="after warm-up (default constant)")
+    distill.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warm-up (default 0)")
+    distill.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 0.01)")
+    distill.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default 1)")
+    distill.add_argument("--lambda-task", type=float, metavar="X",
+                         help="weight of the denoising loss (default 1 with --data, 0 with --prompts)")
+    distill.add_argument("--lambda-out", type=float, default=1.0, metavar="X", help="output KD weight (default 1)")
+    distill.add_argument("--lambda-feat", type=float, default=1.0, metavar="X",
+                         help="feature KD weight, 0 = no feature taps (default 1)")
+    distill.add_argument("--feature-norm", default="l2", choices=("l2", "none"),
+                         help="l2: LAPTOP-Diff's normalized feature KD (default); none: BK-SDM's plain KD")
+    distill.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
+                         help="CUDA autocast (fp16 with loss scaling); the CPU trains in fp32 (default no)")
+    distill.add_argument("--ema-decay", type=float, default=0.9999,
+                         help="EMA of the student's weights, written as the result; 0 = off (default 0.9999)")
+    distill.add_argument("--uncond-prob", type=float, default=0.1, metavar="P",
+                         help="fraction of samples trained on the empty prompt, for guidance (default 0.1)")
+    distill.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
+                         help="steps between checkpoints (default 500; the last step always saves)")
+    distill.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    distill.add_argument("--force", action="store_true", help="empty a non-empty --out and start over")
+    distill.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
+                         help="training latent size (default: the U-Net's sample_size)")
+    distill.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available; under torchrun / "
+                                          "accelerate launch, one GPU per process)")
+    distill.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    distill.add_argument("--cache-dir", type=Path, metavar="DIR",
+                         help="encoded-data cache (default ~/.cache/laptop-deploy/distill)")
+    distill.add_argument("--eval-samples", type=int, default=8, metavar="N",
+                         help="fixed batch whose loss is reported at start and end (default 8)")
+    distill.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    distill.add_argument("--teacher-seed", type=int, metavar="S",
+                         help="seed of a random:<preset> teacher (default: the one the student was pruned from)")
+    distill.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt teachers")
+    _common(distill)
+
     export = verbs.add_parser("export", help="export a U-Net or student (ONNX, ORT Mobile) with manifest.json")
     export.set_defaults(handler="laptop_deploy.deploy_commands:export")
     _model_args(export)
-    export.add_argument("--target", required=True, metavar="NAME", help="onnx or ort-mobile")
-    export.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
-                        help="fp16 keeps norms, softmax and the timestep embedding in fp32 (default fp32)")
+    export.add_argument("--target", required=True, metavar="NAME",
+                        help="onnx, ort-mobile or trt (TensorRT engine; NVIDIA GPU, or --dry-run anywhere)")
+    export.add_argument("--precision", choices=("fp32", "fp16"),
+                        help="fp16 keeps norms, softmax and the timestep embedding in fp32 (default fp32; "
+                             "fp16 for coreml)")
     export.add_argument("--batch", type=int, default=1, help="batch size of a static export (default 1)")
     export.add_argument("--height", type=int, metavar="H", help="latent height (default: the U-Net's sample_size)")
     export.add_argument("--width", type=int, metavar="W", help="latent width (default: the U-Net's sample_size)")
@@ -99,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--slim", action="store_true", help="run onnxslim on the graph")
     export.add_argument("--out", required=True, type=Path, metavar="DIR", help="artifact folder to write")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    _tensorrt_args(export.add_argument_group("TensorRT (--target trt)"))
+    _coreml_args(export.add_argument_group("Core ML (--target coreml)"))
     _common(export)
 
     verify = verbs.add_parser("verify", help="prove an artifact computes what the PyTorch model computes")
@@ -152,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"{PROG}: internal error: {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr)
         return 3
+    if result is None:  # a verb with nothing to report (a non-zero rank of a distributed run)
+        return 0
     _emit(result, text, as_json=args.json)
     return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
 

@@ -21,11 +21,14 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     prepare_output(args.out, force=args.force)
     exporter = get_exporter(args.target)
     options = exporter.Options.from_args(args)
+    if getattr(args, "dry_run", False) and not getattr(options, "dry_run", False):
+        raise LaptopDeployError(f"--dry-run is supported by --target trt only, not '{args.target}'")
     options.check()
     # The spec (and the latent-size check) needs only the config: resolve on the meta device first.
     source = resolve_model(args.model, materialize=False, seed=args.seed, allow_pickle=args.allow_pickle)
     spec = build_spec(source.unet.config, batch=args.batch, height=args.height, width=args.width,
-                      dynamic=args.dynamic, precision=args.precision)
+                      dynamic=args.dynamic,
+                      precision=args.precision or getattr(exporter, "DEFAULT_PRECISION", "fp32"))
     if any(p.is_meta for p in source.unet.parameters()):
         source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
     described = {**source.describe(), "sha256": model_hash(source.unet)}
@@ -44,6 +47,7 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     text = (f"exported {args.model} to {args.out / manifest.model_file} ({manifest.target}, {manifest.precision}, "
             f"{shape}): {len(manifest.files)} files, {size / 1e6:,.1f} MB, {manifest.export['seconds']:.1f} s, "
             f"peak RSS {manifest.export['peak_rss_mb']:,.0f} MB")
+    text += "".join(f"\n{line}" for line in manifest.export.get("notes", []))  # e.g. trt --dry-run's commands
     return result, text
 
 

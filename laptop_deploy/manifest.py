@@ -153,7 +153,8 @@ def read_manifest(folder: Path, *, check_files: bool = True) -> Manifest:
 def verify_files(folder: Path, manifest: Manifest) -> None:
     """Every file the manifest lists exists with the recorded byte size (a cheap truncation check; hashes are
     recorded for provenance but not re-read, which would cost seconds per GB on every load)."""
-    if manifest.model_file not in manifest.files:
+    package = manifest.model_file + "/"  # a directory artifact (Core ML .mlpackage) lists the files inside it
+    if manifest.model_file not in manifest.files and not any(name.startswith(package) for name in manifest.files):
         raise ArtifactError(f"{folder / MANIFEST}: model file '{manifest.model_file}' is not among its files")
     for name, entry in manifest.files.items():
         path = folder / name

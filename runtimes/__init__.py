@@ -26,9 +26,11 @@ from ..spec import ExportSpec
 RUNTIMES: dict[str, tuple[str, str | None]] = {
     "torch": ("laptop_deploy.runtimes.pytorch:TorchRunner", None),
     "ort": ("laptop_deploy.runtimes.ort:OrtRunner", "onnx"),
+    "trt": ("laptop_deploy.runtimes.tensorrt:TensorRTRunner", "trt"),
+    "coreml": ("laptop_deploy.runtimes.coreml:CoreMLRunner", "coreml"),
 }
 # which runtime loads a target's artifact when --runtime is not given
-DEFAULT_RUNTIME = {"onnx": "ort", "ort-mobile": "ort"}
+DEFAULT_RUNTIME = {"onnx": "ort", "ort-mobile": "ort", "trt": "trt", "coreml": "coreml"}
 
 
 class RuntimeMissing(LaptopDeployError):
@@ -75,6 +77,11 @@ class Runner:
         """Runtime name plus what decides its speed (device, provider, threads); extended by subclasses."""
         return {"runtime": self.name}
 
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise (one line) when this runtime cannot run on this machine at all (e.g. Core ML off macOS); cheap,
+        called by :func:`runner_class` before any model is loaded. Default: always available."""
+
     def _load(self) -> None:
         raise NotImplementedError
 
@@ -108,9 +115,11 @@ def runner_class(name: str) -> type[Runner]:
     path, extra = RUNTIMES[name]
     module, _, cls = path.partition(":")
     try:
-        return getattr(importlib.import_module(module), cls)
+        runner = getattr(importlib.import_module(module), cls)
     except ImportError as exc:
         missing = (getattr(exc, "name", None) or str(exc)).split(".")[0]
         hint = f"pip install 'laptop-deploy[{extra}]'" if extra else "reinstall laptop-deploy"
         raise RuntimeMissing(f"runtime '{name}' needs the package '{missing}', which is not installed: "
                              f"{hint}") from None
+    runner.check_available()
+    return runner

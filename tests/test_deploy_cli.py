@@ -45,7 +45,7 @@ def _one_line_exit_2(capsys, argv, message):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--target", "trt"], "unknown target 'trt'; valid: onnx, ort-mobile"),
+    (["--target", "tflite"], "unknown target 'tflite'; valid: onnx, ort-mobile, trt, coreml"),
     (["--target", "onnx", "--height", "20"], "latent height 20 is not a positive multiple of 8 (this U-Net "
                                              "downsamples 3 times); nearest valid: 16 or 24"),
     (["--target", "onnx", "--width", "4", "--dynamic"], "nearest valid: 8"),
