@@ -191,12 +191,19 @@ def build_engine(onnx_path: Path, plan: BuildPlan, *, trt: Any,
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mib << 20)
     for flag in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.cleared_flags:  # TF32 is on by default: an fp32 engine would compute in 10-bit mantissas
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
     if plan.dynamic:
         profile = builder.create_optimization_profile()
-        for name, shapes in plan.profile.items():
-            profile.set_shape(name, shapes.min, shapes.opt, shapes.max)
-        config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache or b"")
+        try:
+            for name, shapes in plan.profile.items():
+                profile.set_shape(name, shapes.min, shapes.opt, shapes.max)
+        except (RuntimeError, TypeError) as exc:
+            raise TensorRTError(f"TensorRT refuses the optimization profile: {_first([str(exc)])}") from None
+        if config.add_optimization_profile(profile) < 0:
+            raise TensorRTError(f"TensorRT refuses the optimization profile: {_first(logger.errors)}")
+    cache = config.create_timing_cache(timing_cache or b"") or config.create_timing_cache(b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         raise TensorRTError("the timing cache was written by another GPU or TensorRT version; delete it or pass "
                             "another --trt-timing-cache")

@@ -63,6 +63,7 @@ class BuildPlan:
     typing: str                      # strong | weak
     onnx_precision: str              # the ONNX graph the engine is built from (fp16 only when strongly typed)
     builder_flags: tuple[str, ...]   # trt.BuilderFlag names, e.g. ("FP16",)
+    cleared_flags: tuple[str, ...]   # flags TensorRT sets by default that are cleared: ("TF32",) for fp32 engines
     dynamic: bool
     cfg: bool | None                 # dynamic batch counts two U-Net rows per image (None: static)
     profile: dict[str, ShapeRange]   # every input, in the spec's order
@@ -76,6 +77,7 @@ class BuildPlan:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["builder_flags"] = list(self.builder_flags)
+        data["cleared_flags"] = list(self.cleared_flags)
         data["profile"] = {name: {k: list(v) for k, v in asdict(r).items()} for name, r in self.profile.items()}
         return data
 
@@ -102,12 +104,13 @@ def latent_range(spec: ExportSpec, *, min_latent: tuple[int, int] | None = None,
 
 def batch_range(spec: ExportSpec, *, cfg: bool = True, max_images: int | None = None) -> tuple[int, int, int]:
     """``(min, opt, max)`` U-Net batch of a dynamic profile: ``spec.batch`` images at opt, ``max_images`` at max
-    (default ``spec.batch``), doubled with classifier-free guidance."""
+    (default ``spec.batch``), doubled with classifier-free guidance; max is at least 2, the batch ``verify``
+    feeds a dynamic artifact."""
     rows = 2 if cfg else 1
     max_images = spec.batch if max_images is None else max_images
     if max_images < spec.batch:
         raise TensorRTError(f"--trt-max-images {max_images} is below --batch {spec.batch} (the profile's opt)")
-    return 1, spec.batch * rows, max_images * rows
+    return 1, spec.batch * rows, max(2, max_images * rows)
 
 
 def build_profile(spec: ExportSpec, *, cfg: bool = True, max_images: int | None = None,
@@ -150,7 +153,8 @@ def make_plan(spec: ExportSpec, *, typing: str = "auto", cfg: bool = True, max_i
     fp16_graph = resolved == "strong" and spec.precision == "fp16"
     flags = ("FP16",) if resolved == "weak" and spec.precision == "fp16" else ()
     return BuildPlan(precision=spec.precision, typing=resolved, onnx_precision="fp16" if fp16_graph else "fp32",
-                     builder_flags=flags, dynamic=spec.dynamic, cfg=cfg if spec.dynamic else None,
+                     builder_flags=flags, cleared_flags=("TF32",) if spec.precision == "fp32" else (),
+                     dynamic=spec.dynamic, cfg=cfg if spec.dynamic else None,
                      profile=build_profile(spec, cfg=cfg, max_images=max_images, min_latent=min_latent,
                                            max_latent=max_latent),
                      builder_optimization_level=opt_level, workspace_mib=workspace_mib,
@@ -180,8 +184,10 @@ def trtexec_command(plan: BuildPlan) -> list[str]:
     args = ["trtexec", f"--onnx={plan.onnx_file}", f"--saveEngine={plan.engine_file}"]
     args += ["--stronglyTyped"] if plan.typing == "strong" else [f"--{f.lower()}" for f in plan.builder_flags]
     args += [f"--builderOptimizationLevel={plan.builder_optimization_level}"]
+    if "TF32" in plan.cleared_flags:  # trtexec (like the API) enables TF32 by default; polygraphy does not
+        args += ["--noTF32"]
     if plan.workspace_mib:
-        args += [f"--memPoolSize=workspace:{plan.workspace_mib}MiB"]
+        args += [f"--memPoolSize=workspace:{plan.workspace_mib}M"]  # trtexec reads one unit letter: B, K, M, G
     args += [f"--timingCacheFile={plan.timing_cache_file}"]
     if plan.dynamic:
         for flag, point in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
@@ -242,18 +248,27 @@ def check_compatible(built: dict[str, Any], here: dict[str, Any], *, engine: str
                             f"GPU is {here['gpu']} ({cc(here)}), which cannot run it: rebuild it on this GPU")
 
 
+_LOGGERS: dict[int, Any] = {}
+
+
 def collecting_logger(trt: Any) -> Any:
-    """A ``trt.ILogger`` that keeps error messages (``.errors``) instead of printing them: TensorRT reports a
-    failed parse, build or deserialisation only through its logger, and stderr must stay one line."""
-    errors = {trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR}
+    """The process's one ``trt.ILogger``, keeping error messages (``.errors``, emptied on every call) instead of
+    printing them: TensorRT reports a failed parse, build or deserialisation only through its logger, and stderr
+    must stay one line. One per process because TensorRT keeps the first logger it is given while any builder or
+    runtime lives (NVIDIA/TensorRT#1475): a second one would collect nothing."""
+    if id(trt) not in _LOGGERS:
+        errors = {trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR}
 
-    class Collecting(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+        class Collecting(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
 
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in errors:
-                self.errors.append(str(msg).strip())
+            def log(self, severity: Any, msg: str) -> None:
+                if severity in errors:
+                    self.errors.append(str(msg).strip())
 
-    return Collecting()
+        _LOGGERS[id(trt)] = Collecting()
+    logger = _LOGGERS[id(trt)]
+    logger.errors.clear()
+    return logger

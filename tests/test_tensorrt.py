@@ -72,8 +72,8 @@ def test_dynamic_sd15_profile_doubles_the_batch_for_guidance(configs):
     assert plan.profile["sample"] == ShapeRange((1, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
     assert plan.profile["timestep"] == ShapeRange((1,), (2,), (8,))
     assert plan.profile["encoder_hidden_states"] == ShapeRange((1, 77, 768), (2, 77, 768), (8, 77, 768))
-    unguided = make_plan(spec, cfg=False)
-    assert unguided.profile["sample"] == ShapeRange((1, 4, 32, 32), (1, 4, 64, 64), (1, 4, 128, 128))
+    unguided = make_plan(spec, cfg=False)  # max batch stays 2: verify feeds a dynamic artifact batch 2
+    assert unguided.profile["sample"] == ShapeRange((1, 4, 32, 32), (1, 4, 64, 64), (2, 4, 128, 128))
     wide = make_plan(spec, min_latent=(48, 32), max_latent=(96, 160))
     assert wide.profile["sample"] == ShapeRange((1, 4, 48, 32), (2, 4, 64, 64), (2, 4, 96, 160))
 
@@ -151,8 +151,18 @@ def test_dynamic_command_lines_carry_the_profile_shapes(configs, name):
     assert poly[poly.index("--load-timing-cache") + 1] == poly[poly.index("--save-timing-cache") + 1] == \
         "timing.cache"
     assert {"--onnx=model.onnx", "--saveEngine=model.plan", "--builderOptimizationLevel=5",
-            "--memPoolSize=workspace:8192MiB", "--timingCacheFile=timing.cache"} <= set(trtexec)
+            "--memPoolSize=workspace:8192M", "--timingCacheFile=timing.cache"} <= set(trtexec)
     assert "'sample:[" in lines["polygraphy"]  # quoted: unquoted brackets are shell glob patterns
+
+
+def test_fp32_engines_clear_tf32_which_tensorrt_enables_by_default(configs):
+    """TF32 (10-bit mantissa) would make an fp32 engine miss verify's fp32 bounds; trtexec needs --noTF32."""
+    fp32 = make_plan(build_spec(configs["sd15"]))
+    fp16 = make_plan(build_spec(configs["sd15"], precision="fp16"))
+    assert fp32.cleared_flags == ("TF32",) and fp32.as_dict()["cleared_flags"] == ["TF32"]
+    assert "--noTF32" in trtexec_command(fp32) and fp16.cleared_flags == ()
+    assert "--noTF32" not in trtexec_command(fp16)
+    assert not any("tf32" in a.lower() for a in polygraphy_command(fp32))  # polygraphy keeps TF32 off already
 
 
 def test_static_command_lines_pass_no_shapes(configs):
