@@ -6,7 +6,8 @@ A spec string is one of:
 * a student folder (``laptop_deploy_student.json`` inside), a diffusers U-Net folder (``config.json`` +
   weights), or a pipeline folder (``model_index.json`` + ``unet/``; its other parts load on demand);
 * a single checkpoint file: ``.safetensors``, or ``.ckpt``/``.pt``/``.pth``/``.bin`` (pickle only with opt-in);
-* a hub id ``owner/name`` — only when online; offline it is a clear error, never a hang.
+* a hub id ``owner/name`` — only when online; offline it is a clear error, never a hang;
+* ``toy`` — the trained toy teacher shipped inside the package (:mod:`laptop_deploy.toy`), a pipeline folder.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .student import is_student_folder, load_student, read_student_meta
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_PART_LIBRARIES = ("diffusers", "transformers")  # model_index.json may only name classes from these
+_PART_LIBRARIES = ("diffusers", "transformers")  # model_index.json may only name classes from these, or:
+_OWN_PARTS = {("laptop_deploy.toy.latent", "SpaceToDepthVAE")}  # laptop_deploy's own part classes
 
 
 @dataclass
@@ -51,7 +53,7 @@ class ModelSource:
     def available_parts(self) -> list[str]:
         if self.preset is not None:
             return [n for n in PART_NAMES if n[-2:] != "_2" or len(self.preset.text_encoders) > 1]
-        if self.kind == "pipeline-folder":
+        if self.kind in ("pipeline-folder", "toy"):
             index = json.loads((self.path / "model_index.json").read_text())
             return [n for n in PART_NAMES if (index.get(n) or [None])[0] and (self.path / n).is_dir()]
         return []
@@ -96,8 +98,7 @@ def resolve_model(spec: str, *, materialize: bool = True, seed: int = 0,
     if spec.startswith("random:"):
         return _from_preset(spec, get_preset(spec.removeprefix("random:")), materialize=materialize, seed=seed)
     if spec == "toy":
-        raise ModelSourceError("model 'toy' (the trained toy teacher) is not part of this version yet; "
-                               "use a random:<preset>, a folder or a checkpoint file")
+        return _from_toy(materialize=materialize)
     path = Path(spec).expanduser()
     if path.is_file():
         return _from_file(spec, path, allow_pickle=allow_pickle)
@@ -120,6 +121,18 @@ def _from_preset(spec: str, preset: Preset, *, materialize: bool, seed: int) -> 
         with torch.device("meta"):
             unet = UNet2DConditionModel(**preset.unet)
     return ModelSource(spec, "preset", unet.eval(), preset.family, preset=preset, seed=seed)
+
+
+def _from_toy(*, materialize: bool) -> ModelSource:
+    """The trained toy teacher: the pipeline folder committed inside the package."""
+    from .toy.model import TEACHER_DIR
+
+    if not (TEACHER_DIR / "model_index.json").is_file():
+        raise ModelSourceError(f"model 'toy': its weights are missing from {TEACHER_DIR} (a broken install?); "
+                               f"retrain with python -m laptop_deploy.toy.train --out {TEACHER_DIR}")
+    source = _from_folder("toy", TEACHER_DIR, materialize=materialize)
+    source.kind = "toy"
+    return source
 
 
 def _from_file(spec: str, path: Path, *, allow_pickle: bool) -> ModelSource:
@@ -175,9 +188,9 @@ def _load_unet_folder(path: Path, *, materialize: bool) -> nn.Module:
 
 def _load_folder_part(path: Path, name: str) -> Any:
     library, class_name = json.loads((path / "model_index.json").read_text())[name]
-    if library not in _PART_LIBRARIES:
+    if library not in _PART_LIBRARIES and (library, class_name) not in _OWN_PARTS:
         raise ModelSourceError(f"{path}/model_index.json: part '{name}' comes from '{library}'; only "
-                               f"{', '.join(_PART_LIBRARIES)} classes are loaded")
+                               f"{', '.join(_PART_LIBRARIES)} classes and the toy's SpaceToDepthVAE are loaded")
     cls = getattr(importlib.import_module(library), class_name)
     try:
         return cls.from_pretrained(path / name)

@@ -69,7 +69,6 @@ def test_unet_folder_with_a_missing_weight_is_an_error_not_a_random_init(tmp_pat
 
 @pytest.mark.parametrize("spec,message", [
     ("random:nope", "unknown preset 'random:nope'; valid presets: random:sd15"),
-    ("toy", "not part of this version"),
     ("/no/such/path", "not found: no such file or folder"),
     ("./relative/missing", "not found"),
 ])
