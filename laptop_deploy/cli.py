@@ -34,7 +34,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="M",
-                        help="random:<preset>, a U-Net/pipeline/student folder, a checkpoint file, or a hub id")
+                        help="toy (the trained toy teacher), random:<preset>, a U-Net/pipeline/student folder, "
+                             "a checkpoint file, or a hub id")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:<preset> weights (default 0)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow .ckpt files that need arbitrary-code unpickling (only for files you trust)")
