@@ -192,10 +192,17 @@ def _load_folder_part(path: Path, name: str) -> Any:
         raise ModelSourceError(f"{path}/model_index.json: part '{name}' comes from '{library}'; only "
                                f"{', '.join(_PART_LIBRARIES)} classes and the toy's SpaceToDepthVAE are loaded")
     cls = getattr(importlib.import_module(library), class_name)
+    _quiet_progress(library)
     try:
         return cls.from_pretrained(path / name)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"{path / name}: cannot load {class_name} ({_first_line(exc)})") from None
+
+
+def _quiet_progress(library: str) -> None:
+    """No "Loading weights" bars from transformers/diffusers: stderr carries our progress and one-line errors."""
+    if library in _PART_LIBRARIES:
+        importlib.import_module(f"{library}.utils.logging").disable_progress_bar()
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

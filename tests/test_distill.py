@@ -344,3 +344,25 @@ def test_two_processes_under_torchrun_equal_one_process_with_twice_the_batch(tmp
     relative = ((moments[0] - moments[1]).norm() / moments[1].norm()).item()
     assert relative < 1e-5, relative  # float summation order only (measured ~1e-7)
     assert load_student(tmp_path / "ddp") is not None
+
+
+def test_the_toy_teacher_distills_quietly_through_the_cli(capsys, tmp_path):
+    """The shipped toy teacher (a saved pipeline folder) as --teacher: its parts load without progress bars on
+    stderr, and the student written is loadable as a model spec."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle at the top left\na blue square in the middle\n")
+    teacher = resolve_model("toy")
+    save_student(_pair_toy(teacher).unet, tmp_path / "student", teacher=teacher.describe())
+    code, out, err = _main(capsys, "distill", "--teacher", "toy", "--student", str(tmp_path / "student"),
+                           "--prompts", str(prompts), "--steps", "2", "--batch-size", "2", "--lr", "1e-4",
+                           "--out", str(tmp_path / "run"))
+    assert code == 0 and err == "", err
+    assert resolve_model(str(tmp_path / "run")).kind == "student"
+
+
+def _pair_toy(teacher: ModelSource) -> ModelSource:
+    from laptop_deploy.layers import discover_layers
+
+    attention = [layer.name for layer in discover_layers(teacher.unet)[0] if layer.prunable and
+                 layer.kind == "attention"][:2]
+    return _pair(teacher, attention)
