@@ -7,8 +7,8 @@ every up block)::
     D_l = ‖F_l^S − F_l^T‖² / ‖F_l^T‖²    (--feature-norm l2: per sample, teacher norm detached, batch mean)
     D_l = mean (F_l^S − F_l^T)²          (--feature-norm none: BK-SDM's plain feature KD)
 
-Squared norms ‖·‖² of the first two terms are element means (MSE), as in BK-SDM. ``target`` is the noise (or v for
-v-prediction teachers); the task term defaults off for data-free runs, where x₀ is noise and the target means little.
+Squared norms ‖·‖² of the first two terms are element means (MSE), as in BK-SDM. ``target`` is what the teacher predicts, per
+its scheduler's ``prediction_type``: the noise, v, or the clean sample x₀; the task term defaults off for data-free runs, where x₀ is noise and the target means little.
 
 Training: AdamW, warm-up then constant or cosine learning rate, gradient accumulation and clipping, an EMA of the
 student's weights (the output), CUDA autocast in bf16, or fp16 with loss scaling; fp32 on CPU. Every random number

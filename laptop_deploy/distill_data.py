@@ -96,6 +96,8 @@ class DistillData:
         sample = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
         if prediction == "v_prediction":
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
+        elif prediction == "sample":  # x0-prediction (the toy teacher)
+            target = clean
         else:
             target = noise
         cond = _select(self.cond, index, self.uncond, torch.cat(drops))

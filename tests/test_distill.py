@@ -366,3 +366,19 @@ def _pair_toy(teacher: ModelSource) -> ModelSource:
     attention = [layer.name for layer in discover_layers(teacher.unet)[0] if layer.prunable and
                  layer.kind == "attention"][:2]
     return _pair(teacher, attention)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_the_task_target_follows_the_teachers_prediction_type(prediction):
+    from laptop_deploy.calibration import alphas_cumprod
+
+    teacher = resolve_model("random:tiny-sd15")
+    data = prompt_data(teacher, PROMPTS, latent_size=(16, 16))
+    schedule = alphas_cumprod(teacher)
+    inputs, target = data.draw(start=0, batch_size=3, seed=0, alphas_cumprod=schedule, prediction=prediction)
+    _, noise = data.draw(start=0, batch_size=3, seed=0, alphas_cumprod=schedule, prediction="epsilon")
+    _, clean = data.draw(start=0, batch_size=3, seed=0, alphas_cumprod=schedule, prediction="sample")
+    a = schedule[inputs["timestep"]].view(-1, 1, 1, 1).float()
+    assert torch.allclose(inputs["sample"], a.sqrt() * clean + (1 - a).sqrt() * noise, atol=1e-6)
+    expected = {"epsilon": noise, "sample": clean, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * clean}
+    assert torch.allclose(target, expected[prediction], atol=1e-6)
