@@ -182,7 +182,8 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_batch(tmp_path):
         moments.append(torch.cat([s["exp_avg"].flatten() for _, s in sorted(state.items())]))
     assert records[0]["total"] == pytest.approx(records[1]["total"], rel=1e-5)
     assert records[0]["samples"] == records[1]["samples"] == 4
-    assert torch.allclose(moments[0], moments[1], rtol=1e-4, atol=1e-9)
+    relative = ((moments[0] - moments[1]).norm() / moments[1].norm()).item()
+    assert relative < 1e-5, relative  # float summation order only (~1e-7 with 1 or 2 threads)
 
 
 # ---------------------------------------------------------------------------------------- kill and resume
