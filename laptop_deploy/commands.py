@@ -110,7 +110,8 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
 
 def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from .calibration import read_prompts
-    from .distill import DistillOptions, clear_run_folder, distill, prepare_run, prepare_run_folder
+    from .distill import DistillOptions, distill, prepare_run
+    from .distill_state import clear_run_folder, prepare_run_folder
     from .distill_data import image_data, prompt_data
     from .sources import resolve_model
     from .student import is_student_folder, read_student_meta

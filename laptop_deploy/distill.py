@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -32,26 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .calibration import alphas_cumprod, prediction_type
 from .distill_data import DistillData, move_to
-from .errors import LaptopDeployError, OutputError
-from .layers import stages, tap_stages
+from .distill_loss import FeatureTaps, distill_loss, mean_records
+from .distill_state import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    CHECKPOINT_VERSION,
+    LOG_FILE,
+    SUMMARY_FILE,
+    differences,
+    fingerprint,
+    load_checkpoint,
+    logged_start,
+    plain_json,
+    save_checkpoint,
+    truncate_log,
+)
+from .errors import DistillError
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FILE = "last.pt"
-LOG_FILE = "distill_log.jsonl"
-SUMMARY_FILE = "distill_summary.json"
-CHECKPOINT_VERSION = 1
 FEATURE_NORMS = ("l2", "none")
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULES = ("constant", "cosine")
-
-
-class DistillError(LaptopDeployError):
-    """Distillation settings, models or checkpoints that cannot be used together."""
 
 
 @dataclass
@@ -110,95 +113,13 @@ class DistillOptions:
             raise DistillError(f"--uncond-prob must be in [0, 1], got {self.uncond_prob}")
 
 
-# ------------------------------------------------------------------------------------------------ the loss
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / accelerate / torch.compile wrappers (hooks must go on this one: BK-SDM's bug)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-class FeatureTaps:
-    """Stage outputs of one U-Net, captured by forward hooks on the unwrapped model, popped after each forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        inner = unwrap(model)
-        self.names = [name for name, _ in stages(inner)]
-        self._sink: list[torch.Tensor] = []
-        self._handles = tap_stages(inner, self._sink)
-
-    def pop(self) -> list[torch.Tensor]:
-        out, self._sink[:] = list(self._sink), []
-        if len(out) != len(self.names):
-            raise RuntimeError(f"captured {len(out)} stage outputs, expected {len(self.names)} (hooks lost?)")
-        return out
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def feature_terms(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
-    """Per stage: plain MSE (BK-SDM) and the normalized ‖F_S − F_T‖² / ‖F_T‖² (per sample, then batch mean)."""
-    raw, normalized = [], []
-    for s, t in zip(student, teacher):
-        t = t.detach()
-        diff = (s - t).pow(2)
-        raw.append(diff.mean())
-        per_sample = diff.flatten(1).sum(1) / t.pow(2).flatten(1).sum(1).clamp_min(torch.finfo(t.dtype).tiny)
-        normalized.append(per_sample.mean())
-    return raw, normalized
-
-
-def distill_loss(options: DistillOptions, *, lambda_task: float, s_out: torch.Tensor, t_out: torch.Tensor,
-                 target: torch.Tensor, s_feats: list[torch.Tensor] | None, t_feats: list[torch.Tensor] | None,
-                 names: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The total loss of one micro-batch and its terms (floats) for the log, before and after normalization."""
-    s_out = s_out.float()
-    out = F.mse_loss(s_out, t_out.float())
-    task = F.mse_loss(s_out, target.float()) if lambda_task else torch.zeros((), device=s_out.device)
-    total = options.lambda_out * out + lambda_task * task
-    record: dict[str, Any] = {"task": task.item(), "out": out.item()}
-    if s_feats is not None:
-        raw, normalized = feature_terms(s_feats, t_feats)
-        used = normalized if options.feature_norm == "l2" else raw
-        feat = torch.stack(used).sum()
-        total = total + options.lambda_feat * feat
-        record.update({"feat": feat.item(),
-                       "feat_raw": {n: v.item() for n, v in zip(names, raw)},
-                       "feat_normalized": {n: v.item() for n, v in zip(names, normalized)},
-                       "feat_contrib": {n: options.lambda_feat * v.item() for n, v in zip(names, used)}})
-    record["total"] = total.item()
-    record["contrib"] = {"task": lambda_task * record["task"], "out": options.lambda_out * record["out"],
-                         "feat": options.lambda_feat * record.get("feat", 0.0)}
-    return total, record
-
-
-def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in records[0].items():
-        if isinstance(value, dict):
-            out[key] = _mean_records([r[key] for r in records])
-        else:
-            out[key] = sum(r[key] for r in records) / len(records)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- the models
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 def check_student(teacher: nn.Module, student: nn.Module, *, student_name: str, teacher_name: str) -> None:
     """The student must be the teacher's architecture with units removed: same config, every tensor a teacher's."""
-    tc = {k: _plain(v) for k, v in dict(teacher.config).items() if not k.startswith("_")}
-    sc = {k: _plain(v) for k, v in dict(student.config).items() if not k.startswith("_")}
+    tc = {k: plain_json(v) for k, v in dict(teacher.config).items() if not k.startswith("_")}
+    sc = {k: plain_json(v) for k, v in dict(student.config).items() if not k.startswith("_")}
     for key in sorted(set(tc) | set(sc)):
         if tc.get(key) != sc.get(key):
             raise DistillError(f"student {student_name} does not match teacher {teacher_name}: config '{key}' is "
@@ -242,7 +163,7 @@ def pick_device(name: str | None, env: DistEnv) -> torch.device:
     return device
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------------------- the schedule
 
 
 class _Schedule:
@@ -258,124 +179,6 @@ class _Schedule:
             return 1.0
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _fsync_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` into a temporary sibling, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _fsync_write(path, lambda handle: torch.save(state, handle))
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DistillError(f"--resume: no checkpoint at {path} (nothing to resume; drop --resume to start)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
-        raise DistillError(f"--resume: checkpoint {path} is unreadable ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise DistillError(f"--resume: {path} is not a laptop-deploy distillation checkpoint "
-                           f"v{CHECKPOINT_VERSION}")
-    return state
-
-
-def _fingerprint(options: DistillOptions, lambda_task: float, teacher: dict[str, Any], student: dict[str, Any],
-                 data: DistillData, env: DistEnv) -> dict[str, Any]:
-    """What must not change between a checkpoint and its resumption (``--steps`` may grow unless cosine)."""
-    settings = {k: v for k, v in asdict(options).items() if k not in ("steps", "checkpoint_every", "device",
-                                                                       "gradient_checkpointing", "lambda_task")}
-    if options.lr_schedule == "cosine":
-        settings["steps"] = options.steps
-    settings["lambda_task"] = lambda_task
-    described = {k: v for k, v in data.description.items() if k in ("kind", "samples", "folder", "cache")}
-    return _plain({"settings": settings, "teacher": teacher, "student": student, "data": described,
-                   "world_size": env.world_size})
-
-
-def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key} {a!r} (checkpoint) vs {b!r} (now)")
-    return out
-
-
-def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> None:
-    """A fresh run needs an empty or new ``--out``; ``--resume`` needs its checkpoint. Checked (writability too)
-    before anything is loaded, and without creating anything."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is an existing file; give a folder path")
-    if resume:
-        if force:
-            raise DistillError("--resume and --force contradict each other (--force starts over)")
-        if not (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
-            raise DistillError(f"--resume: no checkpoint at {out / CHECKPOINT_DIR / CHECKPOINT_FILE} "
-                               f"(nothing to resume; drop --resume to start)")
-    elif out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"--out {out} is a non-empty folder; pass --resume to continue its run or --force to "
-                          f"start over")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    try:  # a real probe (os.access says yes to root on read-only mounts); it leaves nothing behind
-        if not existing.is_dir():
-            raise NotADirectoryError
-        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
-    except OSError:
-        raise OutputError(f"--out {out}: cannot write there ({existing} is not a writable folder)") from None
-
-
-def _clear(out: Path) -> None:
-    import shutil
-
-    for child in out.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def _logged_start(path: Path) -> dict[str, Any]:
-    """The step-0 evaluation a resumed run's log already holds (so the summary still compares start and end)."""
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        record = json.loads(line)
-        if record.get("event") == "eval" and record.get("step") == 0:
-            return {"start": {k: v for k, v in record.items() if k not in ("event", "step", "which")}}
-    return {}
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint (a killed run logged steps it will now redo)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-        if record.get("step", 0) <= step and not record.get("event") == "end":
-            kept.append(line)
-    _fsync_write(path, lambda handle: handle.write("".join(f"{line}\n" for line in kept).encode()))
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -466,14 +269,14 @@ class DistillRun:
                                                                            opts.steps))
         scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
         ema = _Ema.of(student, opts.ema_decay)
-        fingerprint = _fingerprint(opts, self.lambda_task, self.teacher_info, self.student_info, self.data, env)
+        settings = fingerprint(opts, self.lambda_task, self.teacher_info, self.student_info, self.data, env)
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint_path = self.out / CHECKPOINT_DIR / CHECKPOINT_FILE
         log_path = self.out / LOG_FILE
         start_step = 0
         if resume:
             state = load_checkpoint(checkpoint_path)
-            changed = _differences(state["fingerprint"], fingerprint)
+            changed = differences(state["fingerprint"], settings)
             if changed:
                 raise DistillError(f"--resume: the checkpoint was made with other settings: {'; '.join(changed[:4])}")
             student.load_state_dict(state["student"])
@@ -486,7 +289,7 @@ class DistillRun:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], device)
             start_step = state["step"]
             if env.main:
-                _truncate_log(log_path, start_step)
+                truncate_log(log_path, start_step)
         model = student
         if env.world_size > 1:
             model = nn.parallel.DistributedDataParallel(
@@ -500,7 +303,7 @@ class DistillRun:
             evals["start"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
             self._log(log_path, {"event": "eval", "step": 0, "which": "student", **evals["start"]})
         elif env.main:
-            evals.update(_logged_start(log_path))
+            evals.update(logged_start(log_path))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step_seconds: list[float] = []
@@ -518,7 +321,7 @@ class DistillRun:
                     self.progress(step + 1, opts.steps, record)
                 if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps:
                     self._checkpoint(checkpoint_path, step + 1, student, optimizer, scheduler, scaler, ema,
-                                     fingerprint, device)
+                                     settings, device)
         finally:
             if taps:
                 for tap in taps:
@@ -566,7 +369,7 @@ class DistillRun:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        record = _mean_records(records)
+        record = mean_records(records)
         record["grad_norm"] = float(grad_norm)
         record["samples"] = opts.batch_size * opts.grad_accum * env.world_size
         return record
@@ -646,12 +449,6 @@ def prepare_run(teacher: Any, student: Any, data: DistillData, options: DistillO
                     "params": sum(p.numel() for p in student.unet.parameters())}
     return DistillRun(teacher.unet, student.unet, data, options, out, alphas_cumprod(teacher),
                       prediction_type(teacher), teacher.describe(), student_info, progress)
-
-
-def clear_run_folder(out: Path) -> None:
-    """``--force``: empty ``out`` (called once the models and data have loaded, so a bad flag destroys nothing)."""
-    if out.is_dir():
-        _clear(out)
 
 
 def distill(run: DistillRun, *, resume: bool = False) -> dict[str, Any]:

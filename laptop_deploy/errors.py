@@ -28,6 +28,10 @@ class OutputError(LaptopDeployError):
     """An output path that cannot be written (an existing file, a non-empty folder without ``--force``)."""
 
 
+class DistillError(LaptopDeployError):
+    """Distillation settings, models or checkpoints that cannot be used together."""
+
+
 class CheckFailed(LaptopDeployError):
     """A check the command ran did not pass (parity, additivity threshold): exit code 1, not a usage error."""
 

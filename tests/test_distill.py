@@ -16,16 +16,9 @@ import pytest
 import torch
 
 from laptop_deploy.cli import main
-from laptop_deploy.distill import (
-    LOG_FILE,
-    SUMMARY_FILE,
-    DistillOptions,
-    FeatureTaps,
-    distill,
-    feature_terms,
-    prepare_run,
-    unwrap,
-)
+from laptop_deploy.distill import DistillOptions, distill, prepare_run
+from laptop_deploy.distill_loss import FeatureTaps, feature_terms, unwrap
+from laptop_deploy.distill_state import LOG_FILE, SUMMARY_FILE
 from laptop_deploy.distill_data import prompt_data
 from laptop_deploy.sources import ModelSource, resolve_model
 from laptop_deploy.student import load_student, make_student, save_student
