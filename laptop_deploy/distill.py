@@ -193,7 +193,8 @@ class _Ema:
 
     @classmethod
     def of(cls, model: nn.Module, decay: float) -> _Ema:
-        return cls(decay, {n: p.detach().clone().float() for n, p in model.named_parameters()})
+        """The shadow starts as the model's weights; decay 0 keeps no copy (SD-1.5: 3.4 GB saved)."""
+        return cls(decay, {n: p.detach().clone().float() for n, p in model.named_parameters()} if decay else {})
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
