@@ -308,7 +308,7 @@ class DistillRun:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step_seconds: list[float] = []
-        try:
+        try:  # one set of taps (hooks on the unwrapped models) serves training and the final evaluations
             for step in range(start_step, opts.steps):
                 tick = time.perf_counter()
                 record = self._step(step, model, teacher, taps, names, optimizer, scaler, amp, device, params)
@@ -323,18 +323,14 @@ class DistillRun:
                 if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps:
                     self._checkpoint(checkpoint_path, step + 1, student, optimizer, scheduler, scaler, ema,
                                      settings, device)
+            seconds = time.perf_counter() - started
+            evals["end"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
+            if opts.ema_decay:
+                ema.copy_to(student)
+                evals["end_ema"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
         finally:
-            if taps:
-                for tap in taps:
-                    tap.remove()
-        seconds = time.perf_counter() - started
-        taps = (FeatureTaps(student), FeatureTaps(teacher)) if opts.lambda_feat > 0 else None
-        evals["end"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
-        if opts.ema_decay:
-            ema.copy_to(student)
-            evals["end_ema"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
-        for tap in taps or ():
-            tap.remove()
+            for tap in taps or ():
+                tap.remove()
         self._log(log_path, {"event": "end", "step": opts.steps, **{f"eval_{k}": v["total"] for k, v in
                                                                       evals.items()}})
         return self._summary(start_step, seconds, step_seconds, evals, device, names, checkpoint_path, log_path)
