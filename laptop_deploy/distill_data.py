@@ -32,6 +32,7 @@ import torch
 from .calibration import IMAGE_SUFFIXES, TRAIN_TIMESTEPS, resize_crop, vae_factor
 from .conditioning import encode_prompts, has_text_encoders
 from .errors import LaptopDeployError
+from .manifest import digest_tensors
 
 CACHE_VERSION = 1
 ENCODE_BATCH = 8
@@ -207,14 +208,6 @@ def read_captions(folder: Path) -> tuple[list[tuple[Path, str]], dict[str, int]]
     return pairs, skipped
 
 
-def _digest_module(module: Any) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
 def _cache_key(source: Any, pairs: list[tuple[Path, str]], latent_size: tuple[int, int]) -> str:
     files = []
     for path, text in pairs:
@@ -225,7 +218,7 @@ def _cache_key(source: Any, pairs: list[tuple[Path, str]], latent_size: tuple[in
             files.append([path.name, None, None, text])
     encoders = [n for n in ("vae", "text_encoder", "text_encoder_2") if n in source.available_parts()]
     key = {"version": CACHE_VERSION, "files": files, "latent_size": list(latent_size), "family": source.family,
-           "weights": {n: _digest_module(source.part(n)) for n in encoders}}
+           "weights": {n: digest_tensors(hashlib.sha256(), source.part(n)).hexdigest() for n in encoders}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -86,11 +86,18 @@ def model_hash(unet: nn.Module) -> str:
     # from a set, so its order changes between processes.
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(unet.state_dict().items()):
+    digest_tensors(digest, unet)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def digest_tensors(digest: Any, module: nn.Module) -> Any:
+    """Feed every tensor of ``module``'s state dict (name, dtype, shape, bytes; meta tensors without bytes) into
+    the hashlib object ``digest``, in name order; returns it."""
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         if tensor.device.type != "meta":
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().data)
-    return f"sha256:{digest.hexdigest()}"
+    return digest
 
 
 
