@@ -95,14 +95,22 @@ class DistillData:
         timestep, clean, noise = torch.cat(timesteps), torch.stack(cleans), torch.stack(noises)
         alpha_bar = alphas_cumprod[timestep].view(-1, 1, 1, 1).float()
         sample = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
-        if prediction == "v_prediction":
-            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
-        elif prediction == "sample":  # x0-prediction (the toy teacher)
-            target = clean
-        else:
-            target = noise
+        target = task_target(prediction, clean=clean, noise=noise, alpha_bar=alpha_bar)
         cond = _select(self.cond, index, self.uncond, torch.cat(drops))
         return {"sample": sample, "timestep": timestep, **cond}, target
+
+
+def task_target(prediction: str, *, clean: torch.Tensor, noise: torch.Tensor,
+                alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What a U-Net with the scheduler's ``prediction_type`` should output for ``sample = √ᾱ·clean + √(1−ᾱ)·noise``
+    (``alpha_bar`` broadcastable to the latents)."""
+    if prediction == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
+    if prediction == "sample":  # x0-prediction
+        return clean
+    if prediction == "epsilon":
+        return noise
+    raise ValueError(f"unknown prediction_type {prediction!r} (epsilon, v_prediction or sample)")
 
 
 def _select(cond: dict[str, Any], index: torch.Tensor, uncond: dict[str, Any], drop: torch.Tensor) -> dict[str, Any]:

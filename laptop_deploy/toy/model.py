@@ -82,8 +82,9 @@ def word_tokenizer(words: list[str] | None = None):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_parts(*, seed: int = 0) -> dict[str, Any]:
-    """Freshly initialised (seeded) U-Net, VAE, text encoder, plus tokenizer and the default scheduler."""
+def build_parts(*, seed: int = 0, prediction: str = SCHEDULE["prediction_type"]) -> dict[str, Any]:
+    """Freshly initialised (seeded) U-Net, VAE, text encoder, plus tokenizer and the default scheduler (whose
+    ``prediction_type`` tells the U-Net's training target)."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -96,7 +97,7 @@ def build_parts(*, seed: int = 0) -> dict[str, Any]:
         unet = UNet2DConditionModel(**UNET_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG, vocab_size=len(tokenizer)))
     vae = SpaceToDepthVAE(offset=LATENT_OFFSET, scaling_factor=LATENT_SCALE)
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE)
+    scheduler = DPMSolverMultistepScheduler(**{**SCHEDULE, "prediction_type": prediction})
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..distill_data import task_target
 from .dataset import make_dataset
 from .model import SCHEDULE, build_parts, save_teacher
 
@@ -55,6 +56,7 @@ def train_denoiser(parts: dict, latents: torch.Tensor, captions: list[str], *, s
     unet, text = parts["unet"].train(), parts["text_encoder"].train()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     alphas = DDPMScheduler(**SCHEDULE).alphas_cumprod
+    prediction = parts["scheduler"].config.prediction_type
     tokenizer = parts["tokenizer"]
     ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -70,7 +72,7 @@ def train_denoiser(parts: dict, latents: torch.Tensor, captions: list[str], *, s
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, encoder_hidden_states=text(tokens)[0]).sample
-        target = x0 if SCHEDULE["prediction_type"] == "sample" else noise
+        target = task_target(prediction, clean=x0, noise=noise, alpha_bar=a)
         if low_noise_weight:  # weight 1 + min(SNR, γ): more on low noise levels, where the shapes' edges are decided
             weight = 1 + (a / (1 - a)).view(-1).clamp(max=low_noise_weight)
             loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--low-noise-weight", type=float, default=0.0,
                         help="γ: weight each sample's loss by 1 + min(SNR(t), γ) (0: uniform)")
+    parser.add_argument("--prediction", choices=("v_prediction", "sample", "epsilon"),
+                        help="what the U-Net predicts (default v_prediction; with --init, the folder's)")
     parser.add_argument("--init", type=Path, help="continue from the weights of this pipeline folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -135,7 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     generator = torch.Generator().manual_seed(args.seed)
     data = make_dataset(args.samples, seed=args.seed)
-    parts = build_parts(seed=args.seed) if args.init is None else load_parts(args.init)
+    if args.init is None:
+        parts = build_parts(seed=args.seed, prediction=args.prediction or "v_prediction")
+    else:
+        parts = load_parts(args.init)
+        if args.prediction not in (None, parts["scheduler"].config.prediction_type):
+            parser.error(f"--init {args.init} predicts {parts['scheduler'].config.prediction_type}, "
+                         f"not {args.prediction}")
     latents = encode_latents(parts["vae"], data.images) * parts["vae"].config.scaling_factor
     log({"phase": "latents", "mean": round(latents.mean().item(), 4), "std": round(latents.std().item(), 4)})
 
