@@ -5,7 +5,9 @@
   parameters remain.
 * ``bk-sdm-small``: Base plus the whole mid block (482,346,884 on SD-1.5).
 
-Both are defined on the SD-1.x/2.x topology (four stages, two ResNets per down stage, three per up stage).
+Both are defined on the SD-1.x/2.x topology (two ResNets per down stage, three per up stage, attention in every
+stage but the deepest) at any number of stages: SD's four, or the three of the ``toy`` teacher, where the same rule
+removes 10 of its 28 units.
 
 * ``koala`` (Lee et al. 2023, KOALA): SDXL's transformer depth per stage [0, 2, 10] → [0, 2, 6], i.e. in every
   Transformer2DModel of the deepest down stage and of the matching up stage the blocks past the first 60% go
@@ -21,20 +23,25 @@ from typing import Any
 from .errors import LaptopDeployError
 
 
-def _check_sd_topology(config: Any, preset: str) -> None:
-    if len(config["down_block_types"]) != 4 or config["layers_per_block"] != 2 \
-            or config["down_block_types"][-1] != "DownBlock2D" or config["up_block_types"][0] != "UpBlock2D":
+def _check_sd_topology(config: Any, preset: str) -> int:
+    """The number of stages of an SD-1.x/2.x-style U-Net; anything else is refused."""
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    stages = len(down)
+    attention = ["CrossAttnDownBlock2D"] * (stages - 1) + ["DownBlock2D"]
+    if stages < 2 or config["layers_per_block"] != 2 or down != attention \
+            or up != ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (stages - 1):
         raise LaptopDeployError(
-            f"preset '{preset}' needs the SD-1.x/2.x topology (4 stages, 2 layers per block, last down stage "
-            f"without attention); this U-Net has down blocks {list(config['down_block_types'])}")
+            f"preset '{preset}' needs the SD-1.x/2.x topology (2 layers per block, cross-attention in every stage "
+            f"but the deepest); this U-Net has down blocks {down}")
+    return stages
 
 
 def bk_sdm_base(config: Any) -> list[str]:
-    _check_sd_topology(config, "bk-sdm-base")
-    names = [f"down_blocks.{i}.{kind}.1" for i in range(3) for kind in ("resnets", "attentions")]
-    names.append("down_blocks.3.resnets.1")
+    stages = _check_sd_topology(config, "bk-sdm-base")
+    names = [f"down_blocks.{i}.{kind}.1" for i in range(stages - 1) for kind in ("resnets", "attentions")]
+    names.append(f"down_blocks.{stages - 1}.resnets.1")
     names.append("up_blocks.0.resnets.1")
-    names += [f"up_blocks.{i}.{kind}.1" for i in range(1, 4) for kind in ("resnets", "attentions")]
+    names += [f"up_blocks.{i}.{kind}.1" for i in range(1, stages) for kind in ("resnets", "attentions")]
     return names
 
 

@@ -128,3 +128,56 @@ def test_toy_saves_as_a_pipeline_folder_and_reloads(toy, tmp_path):
     assert again.kind == "pipeline-folder"
     for (name, p), (_, q) in zip(toy.unet.state_dict().items(), again.unet.state_dict().items()):
         assert torch.equal(p, q), name
+
+
+def test_dataset_folder_is_read_by_distillation_and_calibration(tmp_path, capsys):
+    from laptop_deploy.distill_data import read_captions
+    from laptop_deploy.toy.dataset import main, write_folder
+
+    samples = make_dataset(6, seed=3)
+    folder = write_folder(samples, tmp_path / "data")
+    pairs, skipped = read_captions(folder)
+    assert [caption for _, caption in pairs] == samples.captions and skipped == {"no_caption": 0}
+    assert not (tmp_path / ".data.tmp").exists()
+    with pytest.raises(FileExistsError):
+        write_folder(samples, folder)
+    assert main(["--out", str(folder)]) == 2  # exists: one line, nothing touched
+    assert "already exists" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "held"), "--count", "24", "--held-out"]) == 0
+    assert {caption for _, caption in read_captions(tmp_path / "held")[0]} == {a.caption for a in held_out_prompts()}
+
+
+def test_bk_sdm_presets_follow_the_rule_on_the_three_stage_toy(toy):
+    from laptop_deploy.handcrafted import handcrafted_removal
+    from laptop_deploy.pruning import PruneOptions, plan_pruning
+
+    base = handcrafted_removal("bk-sdm-base", toy.unet.config)
+    assert base == ["down_blocks.0.resnets.1", "down_blocks.0.attentions.1", "down_blocks.1.resnets.1",
+                    "down_blocks.1.attentions.1", "down_blocks.2.resnets.1", "up_blocks.0.resnets.1",
+                    "up_blocks.1.resnets.1", "up_blocks.1.attentions.1", "up_blocks.2.resnets.1",
+                    "up_blocks.2.attentions.1"]
+    small = handcrafted_removal("bk-sdm-small", toy.unet.config)
+    assert small[:10] == base and len(small) == 13
+    plan = plan_pruning(toy, PruneOptions(preset="bk-sdm-small", calib=2, additivity_sets=0))
+    assert plan.removed == small and 0 < plan.totals()["params_ratio_achieved"] < 0.6
+
+
+def test_quality_verb_compares_a_toy_student_with_the_teacher(tmp_path, capsys):
+    import json
+
+    from laptop_deploy.cli import main
+
+    torch.set_num_threads(1)
+    out = tmp_path / "toy-30"
+    assert main(["prune", "--model", "toy", "--ratio", "0.3", "--calib", "2", "--additivity-sets", "0",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["quality", "--model", str(out), "--per-prompt", "1", "--steps", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    teacher, student = result["models"]
+    assert result["images"] == 24 and teacher["model"] == "toy" and teacher["decline_pct"] in (0, None)
+    assert teacher["psnr_db"] > 90  # identical images: PSNR at the 1e-10 MSE floor
+    assert student["params"] < 0.75 * teacher["params"] and 0 <= student["alignment"] <= 1
+    assert main(["quality", "--model", "random:tiny-sd15"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "toy teacher's students only" in err and len(err.splitlines()) == 1

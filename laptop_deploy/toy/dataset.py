@@ -17,6 +17,7 @@ of radius r, a square of half-side 0.85 r, an upward triangle (apex 1.2 r above,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -136,3 +137,54 @@ def make_dataset(count: int, *, seed: int, prompts: list[Attributes] | None = No
     parts = [render(chosen[start:start + chunk], rng) for start in range(0, count, chunk)]
     return Samples(np.concatenate([p.images for p in parts]), chosen, [a.caption for a in chosen],
                    np.concatenate([p.centres for p in parts]), np.concatenate([p.radii for p in parts]))
+
+
+def write_folder(samples: Samples, out: Path) -> Path:
+    """Write ``samples`` as a captioned image folder — ``NNNNNN.png`` plus ``metadata.jsonl`` lines
+    ``{"file_name": ..., "text": ...}``, the layout ``laptop-deploy distill --data`` and ``prune --images`` read.
+    Written to a sibling temporary folder and renamed, so ``out`` is either complete or absent."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lines = []
+    for index, (image, caption) in enumerate(zip(samples.images, samples.captions)):
+        name = f"{index:06d}.png"
+        Image.fromarray(image).save(tmp / name)
+        lines.append(json.dumps({"file_name": name, "text": caption}))
+    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m laptop_deploy.toy.dataset --out DIR --count N``: a captioned training folder of the toy world."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[1].strip())
+    parser.add_argument("--out", type=Path, required=True, help="folder to create (must not exist)")
+    parser.add_argument("--count", type=int, default=1920, help="images (default 1920: each training prompt 10×)")
+    parser.add_argument("--seed", type=int, default=1, help="dataset seed (the teacher was trained on seed 0)")
+    parser.add_argument("--held-out", action="store_true", help="draw the 24 held-out prompts instead")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        print(f"error: --count must be at least 1, got {args.count}", file=sys.stderr)
+        return 2
+    if args.out.exists():
+        print(f"error: --out {args.out} already exists", file=sys.stderr)
+        return 2
+    samples = make_dataset(args.count, seed=args.seed, prompts=held_out_prompts() if args.held_out else None)
+    write_folder(samples, args.out)
+    print(f"wrote {args.count} captioned images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
