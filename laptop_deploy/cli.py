@@ -169,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt teachers")
     _common(distill)
 
+    quality = verbs.add_parser("quality", help="judge a student of the toy teacher: held-out alignment, PSNR")
+    quality.set_defaults(handler="laptop_deploy.toy.evaluate:quality")
+    quality.add_argument("--model", required=True, metavar="M",
+                         help="a student folder pruned (or distilled) from the toy teacher, or toy itself")
+    quality.add_argument("--per-prompt", type=int, default=10, metavar="N",
+                         help="seeds per held-out prompt (24 prompts; default 10: 240 images)")
+    quality.add_argument("--steps", type=int, default=None, metavar="N", help="sampler steps (default 20)")
+    quality.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 4)")
+    _common(quality)
+
     export = verbs.add_parser("export", help="export a U-Net or student (ONNX, ORT Mobile) with manifest.json")
     export.set_defaults(handler="laptop_deploy.deploy_commands:export")
     _model_args(export)
