@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -48,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from laptop_deploy.report import format_value
 from laptop_deploy.toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 RESULTS = Path(__file__).parent / "results"
@@ -100,35 +102,40 @@ class Bench:
         calib = make_dataset(args.calib, seed=2)
         self.calib_images = write_folder(calib, work / "calib")
         self.calib_prompts = calib.captions
-        self.images: dict[str, np.ndarray] = {}
+        self.judged: dict[str, Any] = {}  # name → toy.evaluate.Judged
         self.variants: list[Variant] = []
 
     # -- judging ---------------------------------------------------------------------------------------------
     def judge(self, variant: Variant, unet: torch.nn.Module) -> Variant:
         from laptop_deploy.inventory import count_macs
-        from laptop_deploy.toy.evaluate import compare, generate, score
+        from laptop_deploy.toy.evaluate import judge_model
 
-        started = time.perf_counter()
-        pipe = self.teacher.pipeline(unet.eval())
-        pipe.set_progress_bar_config(disable=True)
-        images = generate(pipe, self.pairs, steps=self.args.steps, guidance=self.args.guidance)
-        self.images[variant.name] = images
-        if not self.variants:
-            self.reference = (score(images, self.pairs), images)
-        verdict = compare(*self.reference, images, self.pairs)
-        variant.decline_pct, variant.psnr_db = verdict.pop("decline_pct"), verdict.pop("psnr_db")
-        variant.alignment = verdict
-        variant.params = sum(p.numel() for p in unet.parameters())
+        judged = judge_model(self.teacher, unet, self.pairs, steps=self.args.steps, guidance=self.args.guidance)
+        reference = self.judged.get("teacher")
+        self.judged[variant.name] = judged
+        row = judged.row(reference)
+        variant.decline_pct, variant.psnr_db = row.pop("decline_pct"), row.pop("psnr_db")
+        variant.params = row.pop("params")
+        variant.alignment = row
         size = self.inventory.latent_size
         variant.macs = count_macs(unet, height=size[0], width=size[1])[""]
         variant.params_ratio = round(1 - variant.params / self.inventory.total_params, 4)
         variant.macs_ratio = round(1 - variant.macs / self.inventory.total_macs, 4)
-        variant.seconds = round(variant.seconds + time.perf_counter() - started, 1)
+        variant.seconds = round(variant.seconds + judged.seconds, 1)
         self.variants.append(variant)
-        _say(f"{variant.name}: alignment {variant.alignment['alignment']:.3f}"
-             + (f", decline {_pct(variant.decline_pct)}, PSNR {variant.psnr_db:.2f} dB" if self.variants[1:] else "")
+        _say(f"{variant.name}: alignment {row['alignment']:.3f}"
+             + (f", decline {_pct(variant.decline_pct)}, PSNR {variant.psnr_db:.2f} dB" if reference else "")
              + f", params -{100 * variant.params_ratio:.1f}% ({variant.seconds:.0f} s)")
         return variant
+
+    def paired(self, first: str, second: str) -> dict[str, Any] | None:
+        """Exact McNemar test of two variants on the same images (None if either is missing)."""
+        from laptop_deploy.toy.evaluate import mcnemar
+
+        if first not in self.judged or second not in self.judged:
+            return None
+        return {"first": first, "second": second,
+                **mcnemar(self.judged[first].alignment, self.judged[second].alignment)}
 
     # -- one-shot students -------------------------------------------------------------------------------------
     def plan(self, **choice: Any):
@@ -150,7 +157,7 @@ class Bench:
 
     # -- retraining --------------------------------------------------------------------------------------------
     def retrain(self, base: Variant, feature_norm: str) -> Variant:
-        from laptop_deploy.distill import DistillOptions, distill, prepare_run
+        from laptop_deploy.distill import distill, prepare_run
         from laptop_deploy.distill_data import image_data
         from laptop_deploy.sources import ModelSource
         from laptop_deploy.student import make_student
@@ -160,10 +167,7 @@ class Bench:
                               self.teacher.family, removed=list(base.removed))
         data = image_data(self.teacher, self.data, latent_size=self.inventory.latent_size,
                           cache_dir=self.work / "cache")
-        options = DistillOptions(steps=args.distill_steps, batch_size=args.distill_batch, lr=args.distill_lr,
-                                 lr_schedule="cosine", warmup_steps=max(1, args.distill_steps // 20),
-                                 feature_norm=feature_norm, ema_decay=args.distill_ema, seed=args.seed,
-                                 checkpoint_every=10**9, eval_samples=8)
+        options = distill_options(args, feature_norm)
         started = time.perf_counter()
         out = self.work / f"distill-{base.name}-{feature_norm}"
         summary = distill(prepare_run(self.teacher, student, data, options, out))
@@ -184,10 +188,15 @@ def _say(text: str) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from laptop_deploy.additivity import AdditivityReport, SetMeasurement
+    from laptop_deploy.errors import LaptopDeployError
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         bench = Bench(args, Path(tmp))
+        reachable = sum(e.layer.params for e in bench.inventory.prunable) / bench.inventory.total_params
+        if max(args.ratios) > reachable:
+            raise LaptopDeployError(f"--ratios {max(args.ratios):g}: at most {reachable:.3f} of the toy teacher's "
+                                    f"params lie in prunable units")
         bench.judge(Variant("teacher", "teacher"), bench.teacher.unet)
         for ratio in args.ratios:
             for criterion in args.criteria:
@@ -206,6 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bench.retrain(base, norm)
         variants = bench.variants
         samples = _sample_grid(bench)
+        tests = [bench.paired(a, b) for a, b in paired_comparisons(variants, baseline)]
     pooled = AdditivityReport([SetMeasurement(s["label"], tuple(s["names"]), s["cost_ratio"], s["joint"], s["summed"])
                                for v in variants for s in (v.additivity or {}).get("sets", [])])
     return {
@@ -216,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": {"spec": "toy", "params": bench.inventory.total_params, "macs": bench.inventory.total_macs},
         "eval": {"prompts": "24 held-out", "images": len(bench.pairs), "seeds_per_prompt": args.per_prompt},
         "best_baseline": baseline.name if baseline else None,
+        "paired_tests": [t for t in tests if t],
         "additivity_pooled": {"sets": len(pooled.sets), "pearson": pooled.pearson, "spearman": pooled.spearman,
                               "mean_joint_over_sum": pooled.as_dict()["mean_joint_over_sum"]},
         "seconds": round(time.perf_counter() - started, 1),
@@ -232,11 +243,27 @@ def best_baseline(one_shot: list[Variant]) -> Variant | None:
     return max(candidates, key=lambda v: (v.alignment["alignment"], v.psnr_db or 0.0), default=None)
 
 
+def paired_comparisons(variants: list[Variant], baseline: Variant | None) -> list[tuple[str, str]]:
+    """The pairs the claims rest on: at every ratio output-loss against each other criterion (one-shot); then
+    LAPTOP-Diff retrained against the baseline retrained both ways, and normalized against plain KD for each."""
+    pairs = []
+    one_shot = [v for v in variants if v.kind == "one-shot"]
+    for ours in (v for v in one_shot if v.criterion == "output-loss"):
+        pairs += [(ours.name, v.name) for v in one_shot if v.target_ratio == ours.target_ratio and v is not ours]
+    ours = f"output-loss@{RETRAIN_RATIO:g}"
+    if baseline is not None:
+        pairs += [(f"{ours} + KD normalized", f"{baseline.name} + KD {norm}") for norm in ("plain", "normalized")]
+    for name in [ours] + ([baseline.name] if baseline else []):
+        pairs.append((f"{name} + KD normalized", f"{name} + KD plain"))
+    return pairs
+
+
 def _sample_grid(bench: Bench) -> tuple[np.ndarray, list[str]]:
     """Rows: teacher, then every variant at the retraining ratio and the retrained ones; 12 images each."""
-    names = [v.name for v in bench.variants if v.kind == "teacher" or v.target_ratio == RETRAIN_RATIO]
+    names = [v.name for v in bench.variants
+             if v.kind in ("teacher", "retrained") or v.target_ratio == RETRAIN_RATIO]
     count = min(12, len(bench.pairs))
-    return np.stack([bench.images[n][:count] for n in names]), names
+    return np.stack([bench.judged[n].images[:count] for n in names]), names
 
 
 # -- reports ---------------------------------------------------------------------------------------------------
@@ -250,7 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['eval']['images']} images per variant: the 24 held-out prompts × "
              f"{result['eval']['seeds_per_prompt']} seeds, DPM-Solver++ {settings['steps']} steps, guidance "
              f"{settings['guidance']:g}. Decline = (teacher alignment − variant alignment) / teacher "
-             f"alignment; ± is the binomial 95% interval of the alignment alone. PSNR against the teacher's "
+             f"alignment; [brackets]: its Wilson 95% interval. PSNR against the teacher's "
              f"image from the same prompt and seed. Whole run "
              f"{result['seconds'] / 60:.1f} min on {result['machine']['cpus']} CPUs ({result['machine']['threads']} "
              f"torch threads).", "",
@@ -276,7 +303,7 @@ def markdown(result: dict[str, Any]) -> str:
         for v in retrained:
             d = v["distill"]
             start, end = (d.get("eval_start") or {}).get("total"), (d.get("eval_end") or {}).get("total")
-            lines.append(f"| {v['name']} | {_fmt(start)} → {_fmt(end)} | {_ci(v['alignment'])} | "
+            lines.append(f"| {v['name']} | {format_value(start)} → {format_value(end)} | {_ci(v['alignment'])} | "
                          f"{_pct(v['decline_pct'])} | {v['psnr_db']:.2f} |")
     lines += ["", "## The paper's claims, as measured here", "", *claims(result)]
     lines += ["", "Additivity of the output loss (chosen set + random sets of similar cost; L(S) vs Σ single losses):",
@@ -284,62 +311,75 @@ def markdown(result: dict[str, Any]) -> str:
     for v in variants:
         add = v.get("additivity")
         if add:
-            lines.append(f"| {v['target_ratio']:g} | {len(add['sets'])} | {_fmt(add['pearson'])} | "
-                         f"{_fmt(add['spearman'])} | {_fmt(add['chosen_joint_over_sum'])} |")
+            lines.append(f"| {v['target_ratio']:g} | {len(add['sets'])} | {format_value(add['pearson'])} | "
+                         f"{format_value(add['spearman'])} | {format_value(add['chosen_joint_over_sum'])} |")
     pooled = result["additivity_pooled"]
-    lines.append(f"| pooled | {pooled['sets']} | {_fmt(pooled['pearson'])} | {_fmt(pooled['spearman'])} | |")
+    lines.append(f"| all sets pooled (r mostly reflects set size) | {pooled['sets']} | "
+                 f"{format_value(pooled['pearson'])} | {format_value(pooled['spearman'])} | |")
     return "\n".join(lines) + "\n"
 
 
 def claims(result: dict[str, Any]) -> list[str]:
-    """One line per LAPTOP-Diff claim with the numbers that test it (point estimates; see the ± in the tables)."""
+    """One line per LAPTOP-Diff claim with the numbers that test it. A difference in alignment is called a
+    difference only when the paired (same images) McNemar test gives p < 0.05; otherwise "not resolved"."""
     by_name = {v["name"]: v for v in result["variants"]}
-    ours_name = f"output-loss@{RETRAIN_RATIO:g}"
-    base_name = result["best_baseline"]
+    tests = {(t["first"], t["second"]): t for t in result["paired_tests"]}
+    ours_name, base_name = f"output-loss@{RETRAIN_RATIO:g}", result["best_baseline"]
     out = []
+
+    def verdict(first: str, second: str) -> str:
+        test = tests.get((first, second))
+        if test is None:
+            return "not tested"
+        a, b = by_name[first]["alignment"]["alignment"], by_name[second]["alignment"]["alignment"]
+        if test["p"] >= 0.05:
+            return f"not resolved (McNemar p = {test['p']:.2g}, {test['only_first']}:{test['only_second']} images)"
+        return f"{'first' if a > b else 'second'} better (McNemar p = {test['p']:.2g})"
+
     ours, base = by_name.get(f"{ours_name} + KD normalized"), by_name.get(f"{base_name} + KD plain")
     if ours and base:
-        holds = ours["decline_pct"] is not None and base["decline_pct"] is not None \
-            and ours["decline_pct"] < base["decline_pct"]
-        out.append(f"- Retrained at {RETRAIN_RATIO:g} (paper: 4.0% decline for LAPTOP-Diff vs 8.2% for the best "
-                   f"baseline): output-loss + normalized KD {_pct(ours['decline_pct'])} vs {base_name} + plain KD "
-                   f"{_pct(base['decline_pct'])} — {'holds' if holds else 'does not hold'} here.")
+        out.append(f"- Retrained at {RETRAIN_RATIO:g} (paper, on SD-1.5 with PickScore: 4.0% decline for LAPTOP-Diff "
+                   f"vs 8.2% for the best baseline; here judge alignment): output-loss + normalized KD "
+                   f"{_pct(ours['decline_pct'])} vs {base_name} ({100 * base['params_ratio']:.1f}% of params "
+                   f"removed vs {100 * ours['params_ratio']:.1f}%) + plain KD {_pct(base['decline_pct'])} — "
+                   f"{verdict(ours['name'], base['name'])}.")
     for name in (ours_name, base_name):
         l2, plain = by_name.get(f"{name} + KD normalized"), by_name.get(f"{name} + KD plain")
         if l2 and plain:
-            better = (l2["alignment"]["alignment"], l2["psnr_db"]) > (plain["alignment"]["alignment"],
-                                                                       plain["psnr_db"])
             out.append(f"- Normalized vs plain feature KD on {name}: alignment {_ci(l2['alignment'])} vs "
                        f"{_ci(plain['alignment'])}, PSNR {l2['psnr_db']:.2f} vs {plain['psnr_db']:.2f} dB — "
-                       f"normalized {'better' if better else 'not better'}.")
+                       f"{verdict(l2['name'], plain['name'])}.")
     one_shot = [v for v in result["variants"] if v["kind"] == "one-shot"]
     for ratio in sorted({v["target_ratio"] for v in one_shot}):
         rows = sorted((v for v in one_shot if v["target_ratio"] == ratio),
-                      key=lambda v: (-v["alignment"]["alignment"], -(v["psnr_db"] or 0)))
-        out.append(f"- One-shot at {ratio:g}, best first: " + ", ".join(
+                      key=lambda v: (-v["alignment"]["alignment"], -v["psnr_db"]))
+        ours = next((v for v in rows if v["criterion"] == "output-loss"), None)
+        line = f"- One-shot at {ratio:g}, best first: " + ", ".join(
             f"{v['criterion']} {v['alignment']['alignment']:.3f} / {v['psnr_db']:.1f} dB" for v in rows)
-            + f" — output-loss {'ranks first' if rows[0]['criterion'] == 'output-loss' else 'does not rank first'}.")
-    pooled = result["additivity_pooled"]
-    if pooled["pearson"] is not None:
-        verdict = "holds" if pooled["pearson"] >= 0.9 else "below target"
-        out.append(f"- Additivity (paper: the output loss of a set ≈ the sum of its units' losses; target Pearson "
-                   f"r ≥ 0.9): pooled r = {pooled['pearson']:.3f} over {pooled['sets']} sets, mean L(S)/Σsᵢ = "
-                   f"{_fmt(pooled['mean_joint_over_sum'])} — {verdict}.")
+        if ours is not None and len(rows) > 1:
+            runner = next(v for v in rows if v is not ours)
+            line += f" — output-loss vs {runner['criterion']}: {verdict(ours['name'], runner['name'])}"
+        out.append(line + ".")
+    per_ratio = [(v["target_ratio"], v["additivity"]["pearson"]) for v in one_shot if v.get("additivity")]
+    if per_ratio:
+        rs = [r for _, r in per_ratio if r is not None]
+        held = bool(rs) and len(rs) == len(per_ratio) and min(rs) >= 0.9
+        out.append("- Additivity (the output loss of a set ≈ the sum of its units' losses; the issue's target: "
+                   "Pearson r ≥ 0.9 at each ratio): " + ", ".join(f"r = {format_value(r, '.3f')} at {t:g}"
+                                                                 for t, r in per_ratio)
+                   + f" — {'holds' if held else 'not at every ratio'}; mean L(S)/Σsᵢ over all sets "
+                   f"{format_value(result['additivity_pooled']['mean_joint_over_sum'], '.3f')}.")
     return out
 
 
 def _ci(judged: dict[str, Any]) -> str:
-    """Alignment ± the half-width of its binomial 95% interval (normal approximation)."""
-    p, n = judged["alignment"], judged["count"]
-    return f"{p:.3f} ± {1.96 * math.sqrt(p * (1 - p) / n):.3f}"
+    """Alignment and its Wilson 95% interval."""
+    low, high = judged["alignment_95"]
+    return f"{judged['alignment']:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:+.1f}%"
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
 
 def plots(result: dict[str, Any], path: Path) -> None:
@@ -368,7 +408,7 @@ def plots(result: dict[str, Any], path: Path) -> None:
         if add:
             sets = add["sets"]
             axes[2].scatter([s["summed"] for s in sets], [s["joint"] for s in sets],
-                            label=f"ratio {v['target_ratio']:g} (r = {_fmt(add['pearson'])})")
+                            label=f"ratio {v['target_ratio']:g} (r = {format_value(add['pearson'])})")
     axes[2].set(xlabel="Σ single-unit output losses", ylabel="joint output loss L(S)", title="additivity",
                 xscale="log", yscale="log")
     for axis in axes:
@@ -422,27 +462,61 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if not all(0 < r < 1 for r in args.ratios) or min(args.per_prompt, args.calib, args.data_count) < 1 \
-            or args.distill_steps < 0 or args.steps < 1 or args.additivity_sets < 0 or (args.distill_batch or 0) < 1:
-        parser.error("ratios must lie in (0, 1); --per-prompt, --calib, --data-count, --distill-batch ≥ 1; "
-                     "--distill-steps, --additivity-sets ≥ 0; --steps ≥ 1")
+            or args.distill_steps < 0 or args.steps < 1 or args.additivity_sets < 0 or args.distill_batch < 1 \
+            or (args.threads is not None and args.threads < 1):
+        parser.error("ratios must lie in (0, 1); --per-prompt, --calib, --data-count, --distill-batch, --threads, "
+                     "--steps ≥ 1; --distill-steps, --additivity-sets ≥ 0")
+    try:  # every failure that can be foreseen, before minutes of work
+        import matplotlib  # noqa: F401  (the plots; in the dev extra)
+    except ImportError:
+        parser.error("the plots need matplotlib: pip install -e '.[dev]'")
+    from laptop_deploy.errors import LaptopDeployError
+
+    try:
+        if args.distill_steps:
+            distill_options(args, "l2").validate()
+    except LaptopDeployError as exc:
+        parser.error(str(exc))
     args.name = args.name or ("bench_quality_quick" if args.quick else "bench_quality")
     args.argv = argv
     return args
 
 
+def distill_options(args: argparse.Namespace, feature_norm: str):
+    """The one retraining budget every retrained variant gets."""
+    from laptop_deploy.distill import DistillOptions
+
+    return DistillOptions(steps=args.distill_steps, batch_size=args.distill_batch, lr=args.distill_lr,
+                          lr_schedule="cosine", warmup_steps=max(1, args.distill_steps // 20),
+                          feature_norm=feature_norm, ema_decay=args.distill_ema, seed=args.seed,
+                          checkpoint_every=10**9, eval_samples=8)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from laptop_deploy.errors import LaptopDeployError
+
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args)
+    try:
+        result = run(args)
+    except LaptopDeployError as exc:
+        print(f"bench_quality: error: {exc}", file=sys.stderr)
+        return 2
     samples = result.pop("_samples")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / args.name
     text = markdown(result)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    plots(result, stem.with_suffix(".png"))
-    sample_png(samples, args.out_dir / f"{args.name}_samples.png")
+    # all four files are written aside and moved into place together: no half-written result set
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.name}-", dir=args.out_dir))
+    try:
+        (staging / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (staging / f"{args.name}.md").write_text(text)
+        plots(result, staging / f"{args.name}.png")
+        sample_png(samples, staging / f"{args.name}_samples.png")
+        for path in staging.iterdir():
+            path.replace(args.out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(text)
     return 0
 

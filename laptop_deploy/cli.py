@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(distill)
 
     quality = verbs.add_parser("quality", help="judge a student of the toy teacher: held-out alignment, PSNR")
-    quality.set_defaults(handler="laptop_deploy.toy.evaluate:quality")
+    quality.set_defaults(handler="laptop_deploy.commands:quality")
     quality.add_argument("--model", required=True, metavar="M",
                          help="a student folder pruned (or distilled) from the toy teacher, or toy itself")
     quality.add_argument("--per-prompt", type=int, default=10, metavar="N",

@@ -202,3 +202,46 @@ def _distill_text(summary: dict[str, Any]) -> str:
                  f"{', '.join(data.get('unreadable', [])[:3]) or 'n/a'})")
     text += f"\nstudent, distill_summary.json, distill_log.jsonl and checkpoints/ written to {summary['out']}"
     return text
+
+
+def quality(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The toy teacher and ``--model`` (a student pruned or distilled from it) draw the held-out prompts from the
+    same seeds; the judge grades both, PSNR compares them, McNemar says whether the alignments differ."""
+    from .distill import check_student
+    from .errors import DistillError
+    from .sources import resolve_model
+    from .toy.evaluate import eval_pairs, judge_model, mcnemar
+    from .toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    if args.per_prompt < 1 or steps < 1 or guidance < 0:
+        raise LaptopDeployError("--per-prompt and --steps must be at least 1, --guidance at least 0")
+    teacher = resolve_model("toy")
+    model = resolve_model(args.model)
+    try:
+        check_student(teacher.unet, model.unet, student_name=args.model, teacher_name="toy")
+    except DistillError as exc:
+        raise LaptopDeployError(f"quality judges the toy teacher's students only: {exc}") from None
+    pairs = eval_pairs(per_prompt=args.per_prompt)
+    reference = judge_model(teacher, teacher.unet, pairs, steps=steps, guidance=guidance)
+    judged = judge_model(teacher, model.unet, pairs, steps=steps, guidance=guidance)
+    rows = [{"model": "toy", **reference.row()}, {"model": args.model, **judged.row(reference)}]
+    paired = mcnemar(judged.alignment, reference.alignment)
+    result = {"prompts": "held-out", "images": len(pairs), "steps": steps, "guidance": guidance, "models": rows,
+              "paired_test": {"test": "exact McNemar, two-sided", "only_model_right": paired["only_first"],
+                              "only_teacher_right": paired["only_second"], "p": paired["p"]}}
+    lines = [f"{len(pairs)} images: the 24 held-out prompts x {args.per_prompt} seeds, DPM-Solver++ {steps} "
+             f"steps, guidance {guidance:g}",
+             f"{'model':<28} {'params':>11} {'alignment (95% CI)':>22} {'shape':>6} {'colour':>6} {'place':>6} "
+             f"{'decline':>8} {'PSNR dB':>8}"]
+    for row in rows:
+        low, high = row["alignment_95"]
+        decline = "" if row["decline_pct"] is None else f"{row['decline_pct']:+.1f}%"
+        psnr_db = "" if row["psnr_db"] is None else f"{row['psnr_db']:.2f}"
+        lines.append(f"{row['model'][-28:]:<28} {row['params']:>11,} {row['alignment']:>7.3f} "
+                     f"({low:.3f}-{high:.3f}) {row['shape_accuracy']:>6.2f} {row['colour_accuracy']:>6.2f} "
+                     f"{row['position_accuracy']:>6.2f} {decline:>8} {psnr_db:>8}")
+    lines.append(f"paired on the same images: {paired['only_first']} right only with the model, "
+                 f"{paired['only_second']} only with the teacher (McNemar p = {paired['p']:.3g})")
+    return result, "\n".join(lines)

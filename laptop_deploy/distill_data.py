@@ -110,7 +110,8 @@ def task_target(prediction: str, *, clean: torch.Tensor, noise: torch.Tensor,
         return clean
     if prediction == "epsilon":
         return noise
-    raise ValueError(f"unknown prediction_type {prediction!r} (epsilon, v_prediction or sample)")
+    raise DataError(f"the teacher's scheduler predicts {prediction!r}; distillation knows epsilon, v_prediction "
+                    f"and sample")
 
 
 def _select(cond: dict[str, Any], index: torch.Tensor, uncond: dict[str, Any], drop: torch.Tensor) -> dict[str, Any]:

@@ -152,20 +152,24 @@ def write_folder(samples: Samples, out: Path) -> Path:
         raise FileExistsError(f"{out} already exists")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lines = []
-    for index, (image, caption) in enumerate(zip(samples.images, samples.captions)):
-        name = f"{index:06d}.png"
-        Image.fromarray(image).save(tmp / name)
-        lines.append(json.dumps({"file_name": name, "text": caption}))
-    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.rename(out)
+    try:
+        tmp.mkdir(parents=True)
+        lines = []
+        for index, (image, caption) in enumerate(zip(samples.images, samples.captions)):
+            name = f"{index:06d}.png"
+            Image.fromarray(image).save(tmp / name)
+            lines.append(json.dumps({"file_name": name, "text": caption}))
+        (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m laptop_deploy.toy.dataset --out DIR --count N``: a captioned training folder of the toy world."""
     import argparse
+    import json
     import sys
 
     parser = argparse.ArgumentParser(description=main.__doc__.split(":")[1].strip())
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=1920, help="images (default 1920: each training prompt 10×)")
     parser.add_argument("--seed", type=int, default=1, help="dataset seed (the teacher was trained on seed 0)")
     parser.add_argument("--held-out", action="store_true", help="draw the 24 held-out prompts instead")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     if args.count < 1:
         print(f"error: --count must be at least 1, got {args.count}", file=sys.stderr)
@@ -181,8 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {args.out} already exists", file=sys.stderr)
         return 2
     samples = make_dataset(args.count, seed=args.seed, prompts=held_out_prompts() if args.held_out else None)
-    write_folder(samples, args.out)
-    print(f"wrote {args.count} captioned images to {args.out}")
+    try:
+        write_folder(samples, args.out)
+    except OSError as exc:
+        print(f"error: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"out": str(args.out), "count": args.count, "seed": args.seed, "held_out": args.held_out,
+                          "format": "metadata.jsonl + PNG"}))
+    else:
+        print(f"wrote {args.count} captioned images to {args.out}")
     return 0
 
 

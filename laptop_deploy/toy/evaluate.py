@@ -3,14 +3,18 @@
 The pieces a quality benchmark needs: :func:`eval_pairs` fixes which prompts and seeds are drawn (the same for
 every model compared), :func:`generate` runs any toy-compatible diffusers pipeline on them (the teacher's, or the
 same pipeline around a student U-Net) and :func:`score` applies the judge. :func:`psnr` compares two image sets
-drawn from the same pairs (fidelity of a student to its teacher).
+drawn from the same pairs (fidelity of a student to its teacher). :func:`judge_model` does all of it for one U-Net
+(:class:`Judged`, whose ``row`` holds the numbers ``laptop-deploy quality`` and ``benchmarks/bench_quality.py``
+report); :func:`wilson` and :func:`mcnemar` say how far a difference in alignment can be trusted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,56 +72,56 @@ def psnr(reference: np.ndarray, images: np.ndarray) -> float:
     return float(np.mean(10 * np.log10(255.0 ** 2 / mse)))
 
 
-def compare(reference: Alignment, reference_images: np.ndarray, images: np.ndarray,
-            pairs: Sequence[EvalPair]) -> dict[str, float | int | None]:
-    """The judge's verdict on ``images`` plus, against the reference model's images of the same ``pairs``, the
-    alignment decline in percent (``(ref − this) / ref``; None when the reference scores 0) and the PSNR."""
-    judged = score(images, pairs)
-    decline = 100 * (reference.score - judged.score) / reference.score if reference.score else None
-    return {**judged.as_dict(), "decline_pct": None if decline is None else round(decline, 2),
-            "psnr_db": round(psnr(reference_images, images), 2)}
+@dataclass
+class Judged:
+    """One model's images of a fixed list of pairs, and the judge's verdict on them."""
+
+    images: np.ndarray
+    alignment: Alignment
+    params: int
+    seconds: float
+
+    def row(self, reference: Judged | None = None) -> dict[str, Any]:
+        """The judge's numbers, the Wilson 95% interval of the alignment and, against ``reference`` (the teacher's
+        images of the same pairs), the alignment decline in percent and the PSNR; both None without a reference
+        (a model compared with itself measures nothing) or, for the decline, when the reference scores 0."""
+        row: dict[str, Any] = {**self.alignment.as_dict(),
+                               "alignment_95": wilson(self.alignment.score, self.alignment.count),
+                               "params": self.params, "decline_pct": None, "psnr_db": None,
+                               "generate_s": round(self.seconds, 1)}
+        if reference is not None:
+            base = reference.alignment.score
+            row["decline_pct"] = round(100 * (base - self.alignment.score) / base, 2) if base else None
+            row["psnr_db"] = round(psnr(reference.images, self.images), 2)
+        return row
 
 
-def quality(args) -> tuple[dict, str]:
-    """``laptop-deploy quality --model M``: the toy teacher and ``M`` (a student pruned or distilled from it) draw
-    the held-out prompts from the same seeds; the judge grades both, PSNR compares them."""
-    from ..distill import check_student
-    from ..errors import DistillError, LaptopDeployError
-    from ..sources import resolve_model
+def judge_model(teacher, unet: torch.nn.Module, pairs: Sequence[EvalPair], *, steps: int = DEFAULT_STEPS,
+                guidance: float = DEFAULT_GUIDANCE) -> Judged:
+    """Draw ``pairs`` with the pipeline of ``teacher`` (a model source of the toy teacher) around ``unet`` — the
+    teacher's own or a student's — and judge the images."""
+    pipe = teacher.pipeline(unet.eval())
+    pipe.set_progress_bar_config(disable=True)
+    started = time.perf_counter()
+    images = generate(pipe, pairs, steps=steps, guidance=guidance)
+    return Judged(images, score(images, pairs), sum(p.numel() for p in unet.parameters()),
+                  time.perf_counter() - started)
 
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    if args.per_prompt < 1 or steps < 1:
-        raise LaptopDeployError("--per-prompt and --steps must be at least 1")
-    teacher = resolve_model("toy")
-    model = resolve_model(args.model)
-    try:
-        check_student(teacher.unet, model.unet, student_name=args.model, teacher_name="toy")
-    except DistillError as exc:
-        raise LaptopDeployError(f"quality judges the toy teacher's students only: {exc}") from None
-    pairs = eval_pairs(per_prompt=args.per_prompt)
-    rows, reference = [], None
-    for name, unet in (("toy", teacher.unet), (args.model, model.unet)):
-        pipe = teacher.pipeline(unet.eval())
-        pipe.set_progress_bar_config(disable=True)
-        started = time.perf_counter()
-        images = generate(pipe, pairs, steps=steps, guidance=guidance)
-        seconds = round(time.perf_counter() - started, 1)
-        if reference is None:
-            reference = (score(images, pairs), images)
-        row = compare(*reference, images, pairs)
-        rows.append({"model": name, "params": sum(p.numel() for p in unet.parameters()), **row,
-                     "generate_s": seconds})
-    result = {"prompts": "held-out", "images": len(pairs), "steps": steps, "guidance": guidance,
-              "models": rows}
-    lines = [f"{len(pairs)} images: the 24 held-out prompts x {args.per_prompt} seeds, DPM-Solver++ {steps} "
-             f"steps, guidance {guidance:g}",
-             f"{'model':<28} {'params':>11} {'alignment':>9} {'shape':>6} {'colour':>6} {'place':>6} "
-             f"{'decline':>8} {'PSNR dB':>8}"]
-    for row in rows:
-        decline = "—" if row["decline_pct"] is None else f"{row['decline_pct']:+.1f}%"
-        psnr_db = "—" if row["model"] == "toy" else f"{row['psnr_db']:.2f}"
-        lines.append(f"{row['model'][-28:]:<28} {row['params']:>11,} {row['alignment']:>9.3f} "
-                     f"{row['shape_accuracy']:>6.2f} {row['colour_accuracy']:>6.2f} {row['position_accuracy']:>6.2f} "
-                     f"{decline if row['model'] != 'toy' else '':>8} {psnr_db:>8}")
-    return result, "\n".join(lines)
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval [low, high] of a proportion ``p`` observed on ``n`` images (honest at 0 and 1)."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def mcnemar(a: Alignment, b: Alignment) -> dict[str, Any]:
+    """Exact two-sided McNemar test of two models judged on the same pairs: only the images where one matches and
+    the other does not count. ``p`` is the chance of a split at least this uneven if both were equally good."""
+    if len(a.matches) != len(b.matches):
+        raise ValueError(f"paired test needs the same pairs, got {len(a.matches)} and {len(b.matches)} images")
+    only_a = sum(x and not y for x, y in zip(a.matches, b.matches))
+    only_b = sum(y and not x for x, y in zip(a.matches, b.matches))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"only_first": only_a, "only_second": only_b, "p": round(p, 4)}
