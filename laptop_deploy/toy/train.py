@@ -1,7 +1,8 @@
 """Train the toy teacher from scratch on CPU: ``python -m laptop_deploy.toy.train --out DIR``.
 
 One seed: the dataset is drawn, mapped once to scaled latents (the fixed space-to-depth of
-:mod:`laptop_deploy.toy.latent`, nothing to train there), then U-Net + text encoder train jointly: MSE of the predicted clean latent at
+:mod:`laptop_deploy.toy.latent`, nothing to train there), then U-Net + text encoder train jointly: MSE of the
+U-Net's target (the scheduler's ``prediction_type``: the clean latent by default, or v, or ε; ``--prediction``) at
 uniform timesteps of the linear β schedule, the caption replaced by the empty prompt 10% of the time (for
 classifier-free guidance), AdamW with linear warm-up and cosine decay, EMA of the weights (what gets saved).
 
@@ -121,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--low-noise-weight", type=float, default=0.0,
-                        help="γ: weight each sample's loss by 1 + min(SNR(t), γ) (0: uniform)")
-    parser.add_argument("--prediction", choices=("v_prediction", "sample", "epsilon"),
-                        help="what the U-Net predicts (default v_prediction; with --init, the folder's)")
+                        help="γ: weight each sample's loss by 1 + min(SNR(t), γ) (0: uniform); tuned for the x0 "
+                             "target (a v loss already weighs the x0 error by 1 + SNR)")
+    parser.add_argument("--prediction", choices=("sample", "v_prediction", "epsilon"),
+                        help=f"what the U-Net predicts (default {SCHEDULE['prediction_type']}; with --init, the "
+                             f"folder's)")
     parser.add_argument("--init", type=Path, help="continue from the weights of this pipeline folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     data = make_dataset(args.samples, seed=args.seed)
     if args.init is None:
-        parts = build_parts(seed=args.seed, prediction=args.prediction or "v_prediction")
+        parts = build_parts(seed=args.seed, prediction=args.prediction or SCHEDULE["prediction_type"])
     else:
         parts = load_parts(args.init)
         if args.prediction not in (None, parts["scheduler"].config.prediction_type):
