@@ -332,9 +332,11 @@ def claims(result: dict[str, Any]) -> list[str]:
         if test is None:
             return "not tested"
         a, b = by_name[first]["alignment"]["alignment"], by_name[second]["alignment"]["alignment"]
+        p = "p < 0.0001" if test["p"] < 1e-4 else f"p = {test['p']:.2g}"
+        split = f"{test['only_first']}:{test['only_second']} images right only with the first:second"
         if test["p"] >= 0.05:
-            return f"not resolved (McNemar p = {test['p']:.2g}, {test['only_first']}:{test['only_second']} images)"
-        return f"{'first' if a > b else 'second'} better (McNemar p = {test['p']:.2g})"
+            return f"not resolved (McNemar {p}, {split})"
+        return f"{'first' if a > b else 'second'} better (McNemar {p}, {split})"
 
     ours, base = by_name.get(f"{ours_name} + KD normalized"), by_name.get(f"{base_name} + KD plain")
     if ours and base:

@@ -242,6 +242,7 @@ def quality(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         lines.append(f"{row['model'][-28:]:<28} {row['params']:>11,} {row['alignment']:>7.3f} "
                      f"({low:.3f}-{high:.3f}) {row['shape_accuracy']:>6.2f} {row['colour_accuracy']:>6.2f} "
                      f"{row['position_accuracy']:>6.2f} {decline:>8} {psnr_db:>8}")
+    p_text = "p < 0.0001" if paired["p"] < 1e-4 else f"p = {paired['p']:.2g}"
     lines.append(f"paired on the same images: {paired['only_first']} right only with the model, "
-                 f"{paired['only_second']} only with the teacher (McNemar p = {paired['p']:.3g})")
+                 f"{paired['only_second']} only with the teacher (McNemar {p_text})")
     return result, "\n".join(lines)

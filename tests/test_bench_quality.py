@@ -87,5 +87,5 @@ def test_claims_call_a_difference_only_when_the_paired_test_resolves_it():
                   {"first": variants[0]["name"], "second": variants[1]["name"], "only_first": 12, "only_second": 8,
                    "p": 0.5}]}
     lines = bench.claims(result)
-    assert "first better (McNemar p = 0.0001)" in lines[0]
-    assert "not resolved (McNemar p = 0.5, 12:8 images)" in lines[1]
+    assert "first better (McNemar p = 0.0001, 30:5 images" in lines[0]
+    assert "not resolved (McNemar p = 0.5, 12:8 images" in lines[1]
