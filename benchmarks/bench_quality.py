@@ -101,6 +101,7 @@ class Bench:
         calib = make_dataset(args.calib, seed=2)
         self.calib_images = write_folder(calib, work / "calib")
         self.calib_prompts = calib.captions
+        self.encoded = None  # the retraining data, encoded on first use
         self.judged: dict[str, Any] = {}  # name → toy.evaluate.Judged
         self.variants: list[Variant] = []
 
@@ -164,12 +165,13 @@ class Bench:
         args = self.args
         student = ModelSource(base.name, "student", make_student(copy.deepcopy(self.teacher.unet), base.removed),
                               self.teacher.family, removed=list(base.removed))
-        data = image_data(self.teacher, self.data, latent_size=self.inventory.latent_size,
-                          cache_dir=self.work / "cache")
+        if self.encoded is None:  # VAE + text encoding once, shared by every retrained variant
+            self.encoded = image_data(self.teacher, self.data, latent_size=self.inventory.latent_size,
+                                      cache_dir=self.work / "cache")
         options = distill_options(args, feature_norm)
         started = time.perf_counter()
         out = self.work / f"distill-{base.name}-{feature_norm}"
-        summary = distill(prepare_run(self.teacher, student, data, options, out))
+        summary = distill(prepare_run(self.teacher, student, self.encoded, options, out))
         evals = summary["eval"]
         variant = Variant(f"{base.name} + KD {'normalized' if feature_norm == 'l2' else 'plain'}", "retrained",
                           criterion=base.criterion, target_ratio=base.target_ratio, removed=list(base.removed),
