@@ -36,11 +36,12 @@ def _one(args: argparse.Namespace) -> dict:
     """Run one variant in this process and return its summary numbers."""
     import copy
 
-    from laptop_deploy.distill import DistillOptions, prepare_run
-    from laptop_deploy.distill_data import prompt_data
-    from laptop_deploy.handcrafted import handcrafted_removal
-    from laptop_deploy.sources import ModelSource, resolve_model
-    from laptop_deploy.student import make_student
+    from laptop_deploy.distill.options import DistillOptions
+    from laptop_deploy.distill.train import prepare_run
+    from laptop_deploy.distill.data import prompt_data
+    from laptop_deploy.prune.handcrafted import handcrafted_removal
+    from laptop_deploy.models.sources import ModelSource, resolve_model
+    from laptop_deploy.models.student import make_student
 
     teacher = resolve_model(args.model)
     removed = handcrafted_removal("bk-sdm-small", teacher.unet.config)

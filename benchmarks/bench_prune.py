@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from laptop_deploy.calibration import build_calibration
-from laptop_deploy.inventory import build_inventory
-from laptop_deploy.pruning import select_layers
-from laptop_deploy.scoring import Scorer, ScoringContext, output_loss
-from laptop_deploy.sources import resolve_model
+from laptop_deploy.prune.calibration import build_calibration
+from laptop_deploy.models.inventory import build_inventory
+from laptop_deploy.prune.plan import select_layers
+from laptop_deploy.prune.scoring import Scorer, ScoringContext, output_loss
+from laptop_deploy.models.sources import resolve_model
 
 
 def greedy(scorer: Scorer, candidates, cost_of, total: int, ratio: float):

@@ -12,12 +12,12 @@ prompts × ``--per-prompt`` seeds, DPM-Solver++ at the teacher's default steps a
 Variants:
 
 1. one-shot students (no retraining) for every ratio × criterion (``output-loss`` = LAPTOP-Diff, ``feature-loss``,
-   ``magnitude``, ``random``), through the same :func:`~laptop_deploy.pruning.plan_pruning` as ``laptop-deploy
+   ``magnitude``, ``random``), through the same :func:`~laptop_deploy.prune.plan.plan_pruning` as ``laptop-deploy
    prune``; the handcrafted presets (BK-SDM Base/Small, which on the 3-stage toy remove 10 and 13 of its 28 units)
    at their own ratios;
 2. at ratio 0.5, retraining under one fixed budget for ``output-loss`` and the best baseline (the best other
    criterion at 0.5, or a preset within 0.05 of it), each with normalized (``--feature-norm l2``, LAPTOP-Diff) and
-   plain (``none``, BK-SDM) feature KD — through the same :func:`~laptop_deploy.distill.distill` as ``laptop-deploy
+   plain (``none``, BK-SDM) feature KD — through the same :func:`~laptop_deploy.distill.train.distill` as ``laptop-deploy
    distill``, on a captioned folder of toy training images;
 3. additivity: for each ratio, the output loss of the chosen set and of ``--additivity-sets`` random sets of similar
    cost against the sum of their single-unit losses (Pearson and Spearman r), and pooled over all ratios.
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from laptop_deploy.report import format_value
+from laptop_deploy.prune.report import format_value
 from laptop_deploy.toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,8 +86,8 @@ class Variant:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
-        from laptop_deploy.inventory import build_inventory
-        from laptop_deploy.sources import resolve_model
+        from laptop_deploy.models.inventory import build_inventory
+        from laptop_deploy.models.sources import resolve_model
         from laptop_deploy.toy.dataset import make_dataset, write_folder
         from laptop_deploy.toy.evaluate import eval_pairs
 
@@ -107,7 +107,7 @@ class Bench:
 
     # -- judging ---------------------------------------------------------------------------------------------
     def judge(self, variant: Variant, unet: torch.nn.Module) -> Variant:
-        from laptop_deploy.inventory import count_macs
+        from laptop_deploy.models.inventory import count_macs
         from laptop_deploy.toy.evaluate import judge_model
 
         judged = judge_model(self.teacher, unet, self.pairs, steps=self.args.steps, guidance=self.args.guidance)
@@ -139,14 +139,14 @@ class Bench:
 
     # -- one-shot students -------------------------------------------------------------------------------------
     def plan(self, **choice: Any):
-        from laptop_deploy.pruning import PruneOptions, plan_pruning
+        from laptop_deploy.prune.plan import PruneOptions, plan_pruning
 
         options = PruneOptions(calib=self.args.calib, batch_size=self.args.calib, seed=self.args.seed,
                                images=self.calib_images, prompts=self.calib_prompts, **choice)
         return plan_pruning(self.teacher, options)
 
     def one_shot(self, name: str, kind: str, plan, *, criterion: str | None, ratio: float | None) -> Variant:
-        from laptop_deploy.student import make_student
+        from laptop_deploy.models.student import make_student
 
         student = make_student(copy.deepcopy(self.teacher.unet), plan.removed)
         variant = Variant(name, kind, criterion=criterion, target_ratio=ratio, removed=list(plan.removed),
@@ -157,10 +157,10 @@ class Bench:
 
     # -- retraining --------------------------------------------------------------------------------------------
     def retrain(self, base: Variant, feature_norm: str) -> Variant:
-        from laptop_deploy.distill import distill, prepare_run
-        from laptop_deploy.distill_data import image_data
-        from laptop_deploy.sources import ModelSource
-        from laptop_deploy.student import make_student
+        from laptop_deploy.distill.train import distill, prepare_run
+        from laptop_deploy.distill.data import image_data
+        from laptop_deploy.models.sources import ModelSource
+        from laptop_deploy.models.student import make_student
 
         args = self.args
         student = ModelSource(base.name, "student", make_student(copy.deepcopy(self.teacher.unet), base.removed),
@@ -188,7 +188,7 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from laptop_deploy.additivity import AdditivityReport, SetMeasurement
+    from laptop_deploy.prune.additivity import AdditivityReport, SetMeasurement
     from laptop_deploy.errors import LaptopDeployError
 
     started = time.perf_counter()
@@ -487,7 +487,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def distill_options(args: argparse.Namespace, feature_norm: str):
     """The one retraining budget every retrained variant gets."""
-    from laptop_deploy.distill import DistillOptions
+    from laptop_deploy.distill.options import DistillOptions
 
     return DistillOptions(steps=args.distill_steps, batch_size=args.distill_batch, lr=args.distill_lr,
                           lr_schedule="cosine", warmup_steps=max(1, args.distill_steps // 20),

@@ -2,7 +2,7 @@
 and in ONNX Runtime (CPU), batch 1, 64x64 latent — one run, so the ratios compare like with like.
 
 The student is the teacher minus BK-SDM-Small's removal set plus ``up_blocks.0.resnets.2`` (see STUDENT_EXTRA):
-49.6% of the parameters removed, made with ``laptop_deploy.layers.apply_removal``. Achieved GFLOP/s (2 x MACs
+49.6% of the parameters removed, made with ``laptop_deploy.models.layers.apply_removal``. Achieved GFLOP/s (2 x MACs
 per call / median latency) is set against this machine's fp32 matmul rate measured in the same run (the roof).
 
     python benchmarks/bench_runtimes.py [--iterations 10] [--warmup 2] [--model random:sd15]
@@ -21,15 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from laptop_deploy.bench import bench_runner, environment, format_table, matmul_gflops
+from laptop_deploy.deploy.bench import bench_runner, environment, format_table, matmul_gflops
 from laptop_deploy.exporters.onnx import OnnxOptions, export
-from laptop_deploy.handcrafted import handcrafted_removal
-from laptop_deploy.inventory import count_macs
-from laptop_deploy.layers import apply_removal
+from laptop_deploy.prune.handcrafted import handcrafted_removal
+from laptop_deploy.models.inventory import count_macs
+from laptop_deploy.models.layers import apply_removal
 from laptop_deploy.runtimes.ort import OrtRunner
 from laptop_deploy.runtimes.pytorch import TorchRunner
-from laptop_deploy.sources import resolve_model
-from laptop_deploy.spec import build_spec
+from laptop_deploy.models.sources import resolve_model
+from laptop_deploy.deploy.spec import build_spec
 
 RESULTS = Path(__file__).parent / "results"
 STUDENT_EXTRA = ["up_blocks.0.resnets.2"]  # BK-SDM-Small (44%) + one 49M-param low-resolution ResNet -> 49.6%

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from laptop_deploy.sources import resolve_model
+from laptop_deploy.models.sources import resolve_model
 from laptop_deploy.toy.dataset import all_prompts, held_out_prompts, make_dataset
 from laptop_deploy.toy.evaluate import eval_pairs, generate, score
 from laptop_deploy.toy.judge import alignment

@@ -4,7 +4,7 @@ target.
 
 Every exporter module has ``export(unet, spec, out_dir, *, source, options) -> Manifest``: it writes the artifact
 and ``manifest.json`` into ``out_dir`` (a temporary folder the caller moves into place) from one
-:class:`~laptop_deploy.spec.ExportSpec`, and an ``Options`` dataclass with ``from_args(args)`` (the parsed
+:class:`~laptop_deploy.deploy.spec.ExportSpec`, and an ``Options`` dataclass with ``from_args(args)`` (the parsed
 ``laptop-deploy export`` arguments) and ``check()`` (cheap validation before any model is built).
 """
 

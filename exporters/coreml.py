@@ -4,11 +4,11 @@
 
 Steps (into the caller's temporary folder; ``laptop-deploy export`` moves it into place at the end):
 
-1. ``torch.jit.trace`` of :func:`~laptop_deploy.spec.wrap_unet` — the module every exporter and the PyTorch
+1. ``torch.jit.trace`` of :func:`~laptop_deploy.deploy.spec.wrap_unet` — the module every exporter and the PyTorch
    reference use — at the spec's static shapes, in fp32. The traced module is run once more on other seeded
    inputs against the eager U-Net (:func:`traced_parity`): wrapper, argument-order or tracing bugs fail here, on
    any OS, before Core ML is involved. Pruned students convert like teachers: removed layers are
-   :class:`~laptop_deploy.layers.Removed` modules (no weights; a slice at most), nothing assumes a standard block.
+   :class:`~laptop_deploy.models.layers.Removed` modules (no weights; a slice at most), nothing assumes a standard block.
 2. ``ct.convert(convert_to="mlprogram")`` with the spec's input/output names, shapes and dtypes;
    ``compute_precision`` FLOAT16 for an fp16 spec (ops computed from ``timestep``/``time_ids`` before the first
    linear/matmul/conv stay fp32, as in the ONNX fp16 export: fp16's 0.5 spacing near 1000 would scramble the
@@ -44,9 +44,9 @@ logging.getLogger("coremltools").setLevel(logging.ERROR)
 import coremltools as ct
 
 from ..errors import LaptopDeployError
-from ..manifest import Manifest, file_entry, tool_versions, write_manifest
-from ..spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
-from ..verify import Tolerances, compare
+from ..deploy.manifest import Manifest, file_entry, tool_versions, write_manifest
+from ..deploy.spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
+from ..deploy.verify import Tolerances, compare
 from .console import peak_rss_mb, quiet
 
 MODEL_DIR = "model.mlpackage"
@@ -342,7 +342,7 @@ def check_package(summary: PackageSummary, spec: ExportSpec, options: CoreMLOpti
 
 
 def describe_package(folder: Path) -> dict[str, dict[str, Any]]:
-    """:func:`~laptop_deploy.manifest.file_entry` of every file inside ``folder/model.mlpackage``, keyed by its
+    """:func:`~laptop_deploy.deploy.manifest.file_entry` of every file inside ``folder/model.mlpackage``, keyed by its
     path relative to ``folder`` (the package is a directory; the manifest lists its files)."""
     root = folder / MODEL_DIR
     return {p.relative_to(folder).as_posix(): file_entry(p) for p in sorted(root.rglob("*")) if p.is_file()}

@@ -3,9 +3,9 @@ fp16, with ``manifest.json``.
 
 Steps (each writes into the caller's temporary folder; ``laptop-deploy export`` moves it into place at the end):
 
-1. trace :func:`~laptop_deploy.spec.wrap_unet` with ``torch.onnx.export`` — the dynamo exporter
+1. trace :func:`~laptop_deploy.deploy.spec.wrap_unet` with ``torch.onnx.export`` — the dynamo exporter
    (``torch.export``, non-strict) by default, the TorchScript exporter with ``exporter="torchscript"`` — opset ≥ 18,
-   dynamic axes from the ExportSpec; removed layers are :class:`~laptop_deploy.layers.Removed` modules and leave
+   dynamic axes from the ExportSpec; removed layers are :class:`~laptop_deploy.models.layers.Removed` modules and leave
    no weights and only a slice/identity in the graph;
 2. optionally ``onnxslim.slim`` (constant folding, dead-node and identity elimination);
 3. fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with a block list (:mod:`.onnx_fp16`);
@@ -30,16 +30,14 @@ import torch
 from torch import nn
 
 from ..errors import LaptopDeployError
-from ..manifest import Manifest, describe_files, tool_versions, write_manifest
-from ..spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
+from ..deploy.manifest import Manifest, describe_files, tool_versions, write_manifest
+from ..deploy.spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
 from .console import peak_rss_mb, quiet
+from .onnx_files import DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT, save_onnx
 from .onnx_fp16 import convert_to_fp16
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 EXPORTERS = ("dynamo", "torchscript")
 MIN_OPSET = 18
-PROTOBUF_LIMIT = 2**31 - 2**26  # 2 GiB minus room for the graph itself: above this, weights go external
 _ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
 
@@ -182,16 +180,6 @@ def slim(path: Path, out: Path) -> Path:
     if model is None:
         raise ExportError("onnxslim returned no model (its own check failed); export without --slim")
     return save_onnx(model, out)
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
-    """Save ``model`` as ``path``, with all weights in one ``model.onnx.data`` beside it above 2 GiB."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    external = size > PROTOBUF_LIMIT
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE if external else None, size_threshold=1024)
-    return path
 
 
 def check_onnx(path: Path, spec: ExportSpec) -> None:

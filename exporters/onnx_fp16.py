@@ -29,6 +29,8 @@ from typing import Any
 import onnx
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+from .onnx_files import save_onnx
+
 
 SENSITIVE_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax", "Sin", "Cos",
                  "Exp", "Pow", "Sqrt", "ReduceMean", "Reciprocal")
@@ -155,7 +157,6 @@ def convert_to_fp16(path: Path, *, fp32_inputs: list[str],
                     upcast_attention: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The fp16 model of the fp32 graph at ``path``; ``fp32_inputs`` stay float32 inputs and their embeddings
     stay fp32 up to the first projection. Returns the model and what was kept in fp32 (for the manifest)."""
-    from .onnx import save_onnx
 
     model = onnx.load(str(path))
     name_nodes(model.graph)

@@ -22,8 +22,8 @@ from typing import Any
 from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 from torch import nn
 
-from ..manifest import Manifest, describe_files, tool_versions, write_manifest
-from ..spec import ExportSpec
+from ..deploy.manifest import Manifest, describe_files, tool_versions, write_manifest
+from ..deploy.spec import ExportSpec
 from .onnx import MODEL_FILE, ExportError, OnnxOptions, peak_rss_mb
 
 ORT_FILE = "model.ort"

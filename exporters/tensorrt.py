@@ -32,8 +32,8 @@ from typing import Any
 
 from torch import nn
 
-from ..manifest import Manifest, describe_files, tool_versions, write_manifest
-from ..spec import ExportSpec
+from ..deploy.manifest import Manifest, describe_files, tool_versions, write_manifest
+from ..deploy.spec import ExportSpec
 from .onnx import DATA_FILE, MODEL_FILE, OnnxOptions, peak_rss_mb
 from .tensorrt_plan import (
     DEFAULT_OPT_LEVEL,

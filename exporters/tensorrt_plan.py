@@ -1,6 +1,6 @@
 """The build plan of a TensorRT engine, and every TensorRT check that needs only plain data.
 
-Computed from the :class:`~laptop_deploy.spec.ExportSpec` and the ``--target trt`` options, with no TensorRT
+Computed from the :class:`~laptop_deploy.deploy.spec.ExportSpec` and the ``--target trt`` options, with no TensorRT
 installed: the optimisation profile (min/opt/max shape of every input), typing and precision flags, workspace
 limit, builder optimisation level and timing cache; the equivalent ``polygraphy convert`` and ``trtexec`` command
 lines; and the environment checks (is ``tensorrt`` importable, is there a CUDA device, was an engine built by this
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import LaptopDeployError
-from ..spec import ExportSpec
+from ..deploy.spec import ExportSpec
 
 ENGINE_FILE = "model.plan"
 ONNX_FILE = "model.onnx"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LaptopDeployError
-from ..spec import ExportSpec
+from ..deploy.spec import ExportSpec
 
 # name -> ("module:Class", the pip extra that provides its package)
 RUNTIMES: dict[str, tuple[str, str | None]] = {
@@ -95,7 +95,7 @@ class Runner:
 def open_artifact(folder: Path, *, manifest: Any = None, runtime: str | None = None, **options: Any) -> Runner:
     """A (not yet entered) runner for the artifact in ``folder``: ``runtime`` defaults to the one for the
     manifest's target; ``options`` go to the runner's constructor (e.g. ``providers``, ``intra_op_threads``)."""
-    from ..manifest import read_manifest
+    from ..deploy.manifest import read_manifest
 
     manifest = manifest or read_manifest(folder)
     default = DEFAULT_RUNTIME.get(manifest.target)

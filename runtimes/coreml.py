@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..spec import ExportSpec
+from ..deploy.spec import ExportSpec
 from . import Runner, RunnerError, RuntimeMissing
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
-from ..spec import ExportSpec
+from ..deploy.spec import ExportSpec
 from . import Runner, RunnerError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",

@@ -1,6 +1,6 @@
 """``TorchRunner``: the U-Net in eager PyTorch behind the Runner interface; the reference for every parity check.
 
-It runs the same :class:`~laptop_deploy.spec.UNetExportWrapper` the exporters trace, so reference and artifact
+It runs the same :class:`~laptop_deploy.deploy.spec.UNetExportWrapper` the exporters trace, so reference and artifact
 differ only in the runtime. Inputs are taken in any float dtype and run in ``dtype`` (float32 by default);
 outputs come back as float32 numpy arrays.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..spec import ExportSpec, torch_inputs, wrap_unet
+from ..deploy.spec import ExportSpec, torch_inputs, wrap_unet
 from . import Runner
 
 
@@ -33,7 +33,7 @@ class TorchRunner(Runner):
     def _load(self) -> None:
         unet = self.model
         if isinstance(unet, str):
-            from ..sources import resolve_model
+            from ..models.sources import resolve_model
 
             unet = resolve_model(unet, seed=self.seed, allow_pickle=self.allow_pickle).unet
         first = next(unet.parameters())

@@ -33,7 +33,7 @@ from ..exporters.tensorrt_plan import (
     require_cuda,
     require_tensorrt,
 )
-from ..spec import ExportSpec
+from ..deploy.spec import ExportSpec
 from . import Runner, RunnerError
 
 # trt.DataType member name -> torch dtype (by name: this module imports without TensorRT)

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from laptop_deploy.sources import ModelSource, resolve_model
-from laptop_deploy.unet_io import example_inputs
+from laptop_deploy.models.sources import ModelSource, resolve_model
+from laptop_deploy.models.unet_io import example_inputs
 
 
 @pytest.fixture(params=["random:tiny-sd15", "random:tiny-sdxl"], ids=["sd15", "sdxl"])

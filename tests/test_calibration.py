@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from laptop_deploy.calibration import build_calibration, read_prompts
+from laptop_deploy.prune.calibration import build_calibration, read_prompts
 from laptop_deploy.errors import LaptopDeployError
 
 
@@ -59,7 +59,7 @@ def test_images_are_vae_encoded(make_source, tmp_path):
 
 def test_models_without_text_encoders_get_seeded_conditioning(tmp_path, make_source):
     make_source("random:tiny-sdxl").unet.save_pretrained(tmp_path / "unet")
-    from laptop_deploy.sources import resolve_model
+    from laptop_deploy.models.sources import resolve_model
 
     calib = build_calibration(resolve_model(str(tmp_path / "unet")), count=2)
     assert "N(0, I) text embeddings" in calib.description["text"]

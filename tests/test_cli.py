@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from laptop_deploy.cli import main
-from laptop_deploy.student import load_student
+from laptop_deploy.cli.main import main
+from laptop_deploy.models.student import load_student
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -73,7 +73,7 @@ def test_prune_remove_from_file(capsys, tmp_path):
 
 
 def _truncated_safetensors(tmp_path: Path) -> str:
-    from laptop_deploy.sources import resolve_model
+    from laptop_deploy.models.sources import resolve_model
 
     unet = resolve_model("random:tiny-sd15").unet
     unet.save_pretrained(tmp_path / "u")

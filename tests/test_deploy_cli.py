@@ -15,8 +15,8 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from deploy_fixtures import export_artifact, tiny_source, torch_threads  # noqa: E402
-from laptop_deploy.cli import main  # noqa: E402
-from laptop_deploy.manifest import describe_files, read_manifest, write_manifest  # noqa: E402
+from laptop_deploy.cli.main import main  # noqa: E402
+from laptop_deploy.deploy.manifest import describe_files, read_manifest, write_manifest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from laptop_deploy.cli import main
-from laptop_deploy.distill import DistillOptions, distill, prepare_run
-from laptop_deploy.distill_loss import FeatureTaps, feature_terms, unwrap
-from laptop_deploy.distill_state import LOG_FILE, SUMMARY_FILE
-from laptop_deploy.distill_data import prompt_data
-from laptop_deploy.sources import ModelSource, resolve_model
-from laptop_deploy.student import load_student, make_student, save_student
-from laptop_deploy.weights import read_safetensors
+from laptop_deploy.cli.main import main
+from laptop_deploy.distill.options import DistillOptions
+from laptop_deploy.distill.train import distill, prepare_run
+from laptop_deploy.distill.loss import FeatureTaps, feature_terms, unwrap
+from laptop_deploy.distill.state import LOG_FILE, SUMMARY_FILE
+from laptop_deploy.distill.data import prompt_data
+from laptop_deploy.models.sources import ModelSource, resolve_model
+from laptop_deploy.models.student import load_student, make_student, save_student
+from laptop_deploy.models.weights import read_safetensors
 
 # A valid LAPTOP-Diff removal set on random:tiny-sd15 (`prune --ratio 0.5`, seed 0): 51.5% of the parameters.
 REMOVED = ["down_blocks.2.resnets.1", "down_blocks.2.attentions.1", "down_blocks.3.resnets.0",
@@ -85,7 +86,7 @@ def test_feature_taps_survive_ddp_and_compile_style_wrappers(tmp_path):
         wrapped = torch.nn.parallel.DistributedDataParallel(unet)
         assert unwrap(wrapped) is unet
         taps = FeatureTaps(wrapped)
-        from laptop_deploy.unet_io import example_inputs
+        from laptop_deploy.models.unet_io import example_inputs
 
         wrapped(**example_inputs(unet.config, batch=1, generator=torch.Generator().manual_seed(0)))
         features = taps.pop()
@@ -129,7 +130,7 @@ def test_training_halves_the_distillation_loss_in_200_cpu_steps(tmp_path):
     the online weights reach 4.06). A student with a whole stage emptied — the 50% LAPTOP-Diff set above empties
     down_blocks.3 and the mid block — has an irreducible feature-KD floor there (an identity stage cannot output
     both the teacher's stage input and its output): its loss falls only ~10% in the same run."""
-    from laptop_deploy.handcrafted import handcrafted_removal
+    from laptop_deploy.prune.handcrafted import handcrafted_removal
 
     teacher = resolve_model("random:tiny-sd15")
     run = _run(tmp_path, teacher, removed=handcrafted_removal("bk-sdm-base", teacher.unet.config), steps=200,
@@ -355,7 +356,7 @@ def test_the_toy_teacher_distills_quietly_through_the_cli(capsys, tmp_path):
 
 
 def _pair_toy(teacher: ModelSource) -> ModelSource:
-    from laptop_deploy.layers import discover_layers
+    from laptop_deploy.models.layers import discover_layers
 
     attention = [layer.name for layer in discover_layers(teacher.unet)[0] if layer.prunable and
                  layer.kind == "attention"][:2]
@@ -364,7 +365,7 @@ def _pair_toy(teacher: ModelSource) -> ModelSource:
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 def test_the_task_target_follows_the_teachers_prediction_type(prediction):
-    from laptop_deploy.calibration import alphas_cumprod
+    from laptop_deploy.prune.calibration import alphas_cumprod
 
     teacher = resolve_model("random:tiny-sd15")
     data = prompt_data(teacher, PROMPTS, latent_size=(16, 16))

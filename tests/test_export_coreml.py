@@ -24,10 +24,10 @@ from laptop_deploy.exporters import coreml
 from laptop_deploy.runtimes import RunnerError
 from laptop_deploy.runtimes.coreml import CoreMLRunner
 
-from laptop_deploy.cli import main
-from laptop_deploy.manifest import ArtifactError, model_hash, read_manifest
-from laptop_deploy.spec import build_spec, torch_inputs, wrap_unet
-from laptop_deploy.student import write_atomically
+from laptop_deploy.cli.main import main
+from laptop_deploy.deploy.manifest import ArtifactError, model_hash, read_manifest
+from laptop_deploy.deploy.spec import build_spec, torch_inputs, wrap_unet
+from laptop_deploy.models.student import write_atomically
 
 MACOS = sys.platform == "darwin"
 FP16 = 10  # MIL proto DataType values of an op's output tensor
@@ -229,7 +229,7 @@ def test_verify_and_bench_off_macos_exit_2_with_the_reason(capsys, sd15, verb):
 @pytest.mark.skipif(not MACOS, reason="Core ML prediction exists only on macOS")
 @pytest.mark.parametrize("name", ARTIFACTS)
 def test_verify_on_macos(request, name):
-    from laptop_deploy.verify import verify_artifact
+    from laptop_deploy.deploy.verify import verify_artifact
 
     source, folder, *_ = request.getfixturevalue(name)
     result = verify_artifact(folder, source, steps=4)

@@ -14,15 +14,15 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from deploy_fixtures import export_artifact, tiny_source, torch_threads  # noqa: E402
-from laptop_deploy.cli import main  # noqa: E402
+from laptop_deploy.cli.main import main  # noqa: E402
 from laptop_deploy.exporters.onnx import MODEL_FILE, OnnxOptions, finish_artifact  # noqa: E402
 from laptop_deploy.exporters.onnx_fp16 import SENSITIVE_OPS  # noqa: E402
-from laptop_deploy.manifest import read_manifest  # noqa: E402
+from laptop_deploy.deploy.manifest import read_manifest  # noqa: E402
 from laptop_deploy.runtimes.ort import OrtRunner  # noqa: E402
 from laptop_deploy.runtimes.pytorch import TorchRunner  # noqa: E402
-from laptop_deploy.spec import build_spec  # noqa: E402
-from laptop_deploy.student import write_atomically  # noqa: E402
-from laptop_deploy.verify import Tolerances, compare, verify_artifact  # noqa: E402
+from laptop_deploy.deploy.spec import build_spec  # noqa: E402
+from laptop_deploy.models.student import write_atomically  # noqa: E402
+from laptop_deploy.deploy.verify import Tolerances, compare, verify_artifact  # noqa: E402
 
 STEPS = 4  # denoising steps in these tests: high, middle and low timesteps are still captured
 
@@ -164,7 +164,7 @@ def test_sd2_topology_fp16_keeps_attention_scores_fp32(tmp_path):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from laptop_deploy.sources import ModelSource
+    from laptop_deploy.models.sources import ModelSource
 
     base = {k: v for k, v in dict(tiny_source("random:tiny-sd15").unet.config).items() if not k.startswith("_")}
     config = {**base, "use_linear_projection": True,

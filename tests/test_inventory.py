@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from laptop_deploy.handcrafted import handcrafted_removal
-from laptop_deploy.inventory import build_inventory
-from laptop_deploy.layers import apply_removal
-from laptop_deploy.sources import resolve_model
+from laptop_deploy.prune.handcrafted import handcrafted_removal
+from laptop_deploy.models.inventory import build_inventory
+from laptop_deploy.models.layers import apply_removal
+from laptop_deploy.models.sources import resolve_model
 
 # Published sizes: SD-1.5 and SDXL-base U-Nets; the remainder is everything outside ResNet/Transformer2D units.
 TOTALS = {"random:sd15": (859_520_964, 54_611_204), "random:sdxl": (2_567_463_684, 30_362_884)}

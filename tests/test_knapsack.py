@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from laptop_deploy.knapsack import solve_knapsack
+from laptop_deploy.prune.knapsack import solve_knapsack
 
 
 def brute_force(scores, costs, budget):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from laptop_deploy.errors import LayerError
-from laptop_deploy.layers import Removed, apply_removal, bypassed, check_removal, discover_layers
+from laptop_deploy.models.layers import Removed, apply_removal, bypassed, check_removal, discover_layers
 
 REMOVALS = {
     "random:tiny-sd15": ["down_blocks.0.resnets.1", "down_blocks.1.attentions.0", "mid_block.resnets.1",

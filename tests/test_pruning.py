@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from laptop_deploy.additivity import _ranks, pearson, random_sets
-from laptop_deploy.calibration import build_calibration
+from laptop_deploy.prune.additivity import _ranks, pearson, random_sets
+from laptop_deploy.prune.calibration import build_calibration
 from laptop_deploy.errors import LaptopDeployError
-from laptop_deploy.inventory import build_inventory
-from laptop_deploy.layers import apply_removal, discover_layers
-from laptop_deploy.pruning import PruneOptions, plan_pruning
-from laptop_deploy.scoring import CRITERIA, Scorer, ScoringContext
-from laptop_deploy.sources import resolve_model
+from laptop_deploy.models.inventory import build_inventory
+from laptop_deploy.models.layers import apply_removal, discover_layers
+from laptop_deploy.prune.plan import PruneOptions, plan_pruning
+from laptop_deploy.prune.scoring import CRITERIA, Scorer, ScoringContext
+from laptop_deploy.models.sources import resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from deploy_fixtures import export_artifact, tiny_source, torch_threads
 from laptop_deploy.runtimes import RunnerError, RuntimeMissing, open_artifact, runner_class
 from laptop_deploy.runtimes.pytorch import TorchRunner
-from laptop_deploy.spec import SpecError, build_spec
+from laptop_deploy.deploy.spec import SpecError, build_spec
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,8 +11,8 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from laptop_deploy.errors import ModelSourceError
-from laptop_deploy.presets import PRESETS
-from laptop_deploy.single_file import infer_ldm_config, load_single_file
+from laptop_deploy.models.presets import PRESETS
+from laptop_deploy.models.single_file import infer_ldm_config, load_single_file
 
 from ldm_layout import to_ldm
 

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from laptop_deploy.errors import ModelSourceError
-from laptop_deploy.presets import PRESETS
-from laptop_deploy.sources import resolve_model
-from laptop_deploy.student import make_student, save_student
+from laptop_deploy.models.presets import PRESETS
+from laptop_deploy.models.sources import resolve_model
+from laptop_deploy.models.student import make_student, save_student
 
 
 def _same_function(a, b, inputs) -> bool:

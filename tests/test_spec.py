@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from laptop_deploy.errors import LaptopDeployError
-from laptop_deploy.spec import ExportSpec, SpecError, build_spec, feeds_from_unet_kwargs, torch_inputs, wrap_unet
+from laptop_deploy.deploy.spec import ExportSpec, SpecError, build_spec, feeds_from_unet_kwargs, torch_inputs, wrap_unet
 
 
 def test_sd15_static_spec_from_config(make_source):
@@ -24,7 +24,7 @@ def test_sd15_static_spec_from_config(make_source):
 
 
 def test_sdxl_dynamic_fp16_spec():
-    from laptop_deploy.sources import resolve_model
+    from laptop_deploy.models.sources import resolve_model
 
     config = resolve_model("random:sdxl", materialize=False).unet.config  # the full-size config, no weights
     spec = build_spec(config, dynamic=True, precision="fp16")

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from laptop_deploy.errors import OutputError, StudentFormatError
-from laptop_deploy.layers import removed_layers
-from laptop_deploy.student import META_FILE, WEIGHTS_FILE, load_student, make_student, save_student
+from laptop_deploy.models.layers import removed_layers
+from laptop_deploy.models.student import META_FILE, WEIGHTS_FILE, load_student, make_student, save_student
 
 REMOVE = {
     "random:tiny-sd15": ["down_blocks.2.attentions.1", "mid_block.resnets.0", "up_blocks.1.resnets.1",
@@ -99,8 +99,8 @@ def test_pruned_student_generates_inside_a_diffusers_pipeline(saved_student, tin
 @pytest.mark.slow
 def test_full_size_bk_sdm_base_student_round_trip(tmp_path, inputs_for):
     """Opt-in (-m slow): real SD-1.5 weights shapes, ~2.3 GB student; exact reload and published size."""
-    from laptop_deploy.handcrafted import handcrafted_removal
-    from laptop_deploy.sources import resolve_model
+    from laptop_deploy.prune.handcrafted import handcrafted_removal
+    from laptop_deploy.models.sources import resolve_model
 
     unet = resolve_model("random:sd15").unet
     student = make_student(unet, handcrafted_removal("bk-sdm-base", unet.config))

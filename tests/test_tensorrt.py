@@ -34,9 +34,9 @@ from laptop_deploy.runtimes.tensorrt import (
     io_mismatch,
 )
 
-from laptop_deploy.cli import main
-from laptop_deploy.sources import resolve_model
-from laptop_deploy.spec import build_spec
+from laptop_deploy.cli.main import main
+from laptop_deploy.models.sources import resolve_model
+from laptop_deploy.deploy.spec import build_spec
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_GPU = HAS_TRT and torch.cuda.is_available()
@@ -253,7 +253,7 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "d"
     with torch_threads(1), pytest.MonkeyPatch.context() as patch:
         captured = []
-        patch.setattr("laptop_deploy.cli._emit", lambda result, text, as_json: captured.append((result, text)))
+        patch.setattr("laptop_deploy.cli.main._emit", lambda result, text, as_json: captured.append((result, text)))
         code = main(["export", "--model", "random:tiny-sd15", "--target", "trt", "--dry-run", "--out", str(out),
                      "--json"])
     assert code == 0
@@ -279,7 +279,7 @@ def test_dry_run_writes_the_graph_and_plan_and_prints_matching_commands(dry_run,
 
 
 def test_dry_run_artifact_runs_its_graph_under_ort_and_explains_the_missing_engine(dry_run, capsys):
-    from laptop_deploy.verify import verify_artifact
+    from laptop_deploy.deploy.verify import verify_artifact
 
     out, _ = dry_run
     with torch_threads(1):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from laptop_deploy.sources import resolve_model
+from laptop_deploy.models.sources import resolve_model
 from laptop_deploy.toy.dataset import (
     COLOURS,
     SHAPES,
@@ -144,7 +144,7 @@ def test_toy_saves_as_a_pipeline_folder_and_reloads(toy, tmp_path):
 
 
 def test_dataset_folder_is_read_by_distillation_and_calibration(tmp_path, capsys):
-    from laptop_deploy.distill_data import read_captions
+    from laptop_deploy.distill.data import read_captions
     from laptop_deploy.toy.dataset import main, write_folder
 
     samples = make_dataset(6, seed=3)
@@ -161,8 +161,8 @@ def test_dataset_folder_is_read_by_distillation_and_calibration(tmp_path, capsys
 
 
 def test_bk_sdm_presets_follow_the_rule_on_the_three_stage_toy(toy):
-    from laptop_deploy.handcrafted import handcrafted_removal
-    from laptop_deploy.pruning import PruneOptions, plan_pruning
+    from laptop_deploy.prune.handcrafted import handcrafted_removal
+    from laptop_deploy.prune.plan import PruneOptions, plan_pruning
 
     base = handcrafted_removal("bk-sdm-base", toy.unet.config)
     assert base == ["down_blocks.0.resnets.1", "down_blocks.0.attentions.1", "down_blocks.1.resnets.1",
@@ -178,7 +178,7 @@ def test_bk_sdm_presets_follow_the_rule_on_the_three_stage_toy(toy):
 def test_quality_verb_compares_a_toy_student_with_the_teacher(tmp_path, capsys):
     import json
 
-    from laptop_deploy.cli import main
+    from laptop_deploy.cli.main import main
 
     torch.set_num_threads(1)
     out = tmp_path / "toy-30"

@@ -10,8 +10,8 @@ import pytest
 
 from deploy_fixtures import tiny_source, torch_threads
 from laptop_deploy.runtimes.pytorch import TorchRunner
-from laptop_deploy.spec import build_spec
-from laptop_deploy.verify import (PSNR_CAP, Tolerances, compare, conditioning, denoise, make_scheduler,
+from laptop_deploy.deploy.spec import build_spec
+from laptop_deploy.deploy.verify import (PSNR_CAP, Tolerances, compare, conditioning, denoise, make_scheduler,
                                   output_metrics, random_cases, run_parity)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..pipeline import _BOS, _EOS, _byte_unicode
+from ..models.pipeline import _BOS, _EOS, _byte_unicode
 from .dataset import COLOURS, POSITIONS, SHAPES, SIZE
 
 TEACHER_DIR = Path(__file__).parent / "teacher"
@@ -62,7 +62,7 @@ def caption_words() -> list[str]:
 
 
 def word_tokenizer(words: list[str] | None = None):
-    """The offline byte-level CLIP tokenizer (:func:`laptop_deploy.pipeline.byte_level_tokenizer`) plus, for each of
+    """The offline byte-level CLIP tokenizer (:func:`laptop_deploy.models.pipeline.byte_level_tokenizer`) plus, for each of
     ``words``, the BPE merges that join its characters left to right into one token."""
     from transformers import CLIPTokenizer
 
@@ -103,7 +103,7 @@ def build_parts(*, seed: int = 0, prediction: str = SCHEDULE["prediction_type"])
 
 def save_teacher(parts: dict[str, Any], folder: Path) -> None:
     """Write ``parts`` as a diffusers StableDiffusionPipeline folder (safetensors weights)."""
-    from ..pipeline import build_pipeline
+    from ..models.pipeline import build_pipeline
 
     pipe = build_pipeline(parts["unet"], parts, family="sd1")
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..distill_data import task_target
+from ..distill.data import task_target
 from .dataset import make_dataset
 from .model import SCHEDULE, build_parts, save_teacher
 

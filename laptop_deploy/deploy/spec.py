@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LaptopDeployError
-from .unet_io import TEXT_TOKENS, added_cond_dims, check_latent_size, downsample_factor, sdxl_time_ids
+from ..errors import LaptopDeployError
+from ..models.unet_io import TEXT_TOKENS, added_cond_dims, check_latent_size, downsample_factor, sdxl_time_ids
 
 PRECISIONS = ("fp32", "fp16")
 FP32_INPUTS = ("timestep", "time_ids")  # float32 in every precision (see the module docstring)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 
 TEXT_TOKENS = 77  # CLIP's context length, the sequence length every SD text encoder produces
 SDXL_TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)

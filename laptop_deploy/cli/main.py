@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 
 PROG = "laptop-deploy"
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser, metavar="VERB")
 
     inv = verbs.add_parser("inventory", help="list prunable layers with parameters and MACs")
-    inv.set_defaults(handler="laptop_deploy.commands:inventory")
+    inv.set_defaults(handler="laptop_deploy.cli.commands:inventory")
     _model_args(inv)
     inv.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
                      help="latent height and width for MACs (default: the U-Net's sample_size)")
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(inv)
 
     prune = verbs.add_parser("prune", help="choose layers to remove (LAPTOP-Diff) and save the student")
-    prune.set_defaults(handler="laptop_deploy.commands:prune")
+    prune.set_defaults(handler="laptop_deploy.cli.commands:prune")
     _model_args(prune)
     how = prune.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, metavar="R",
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(prune)
 
     distill = verbs.add_parser("distill", help="retrain a pruned student from its teacher (normalized feature KD)")
-    distill.set_defaults(handler="laptop_deploy.commands:distill")
+    distill.set_defaults(handler="laptop_deploy.cli.commands:distill")
     distill.add_argument("--teacher", required=True, metavar="M", help="the teacher, as --model elsewhere")
     distill.add_argument("--student", required=True, metavar="DIR", help="student folder written by `prune`")
     data = distill.add_mutually_exclusive_group(required=True)
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(distill)
 
     quality = verbs.add_parser("quality", help="judge a student of the toy teacher: held-out alignment, PSNR")
-    quality.set_defaults(handler="laptop_deploy.commands:quality")
+    quality.set_defaults(handler="laptop_deploy.cli.commands:quality")
     quality.add_argument("--model", required=True, metavar="M",
                          help="a student folder pruned (or distilled) from the toy teacher, or toy itself")
     quality.add_argument("--per-prompt", type=int, default=10, metavar="N",
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(quality)
 
     export = verbs.add_parser("export", help="export a U-Net or student (ONNX, ORT Mobile) with manifest.json")
-    export.set_defaults(handler="laptop_deploy.deploy_commands:export")
+    export.set_defaults(handler="laptop_deploy.cli.deploy_commands:export")
     _model_args(export)
     export.add_argument("--target", required=True, metavar="NAME",
                         help="onnx, ort-mobile or trt (TensorRT engine; NVIDIA GPU, or --dry-run anywhere)")
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(export)
 
     verify = verbs.add_parser("verify", help="prove an artifact computes what the PyTorch model computes")
-    verify.set_defaults(handler="laptop_deploy.deploy_commands:verify")
+    verify.set_defaults(handler="laptop_deploy.cli.deploy_commands:verify")
     verify.add_argument("dir", type=Path, metavar="DIR", help="artifact folder (with manifest.json)")
     _model_args(verify)
     verify.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(verify)
 
     bench = verbs.add_parser("bench", help="measure an artifact's latency (optionally against eager PyTorch)")
-    bench.set_defaults(handler="laptop_deploy.deploy_commands:bench")
+    bench.set_defaults(handler="laptop_deploy.cli.deploy_commands:bench")
     bench.add_argument("dir", type=Path, metavar="DIR", help="artifact folder (with manifest.json)")
     bench.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
     bench.add_argument("--provider", metavar="NAME", help="execution provider: cpu (default), cuda, tensorrt, auto")

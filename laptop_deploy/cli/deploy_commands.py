@@ -8,15 +8,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 
 
 def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from .exporters import get_exporter
-    from .manifest import model_hash
-    from .sources import resolve_model
-    from .spec import build_spec
-    from .student import prepare_output, write_atomically
+    from ..exporters import get_exporter
+    from ..deploy.manifest import model_hash
+    from ..models.sources import resolve_model
+    from ..deploy.spec import build_spec
+    from ..models.student import prepare_output, write_atomically
 
     prepare_output(args.out, force=args.force)
     exporter = get_exporter(args.target)
@@ -61,10 +61,10 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from .manifest import read_manifest
-    from .runtimes import DEFAULT_RUNTIME, runner_class
-    from .sources import resolve_model
-    from .verify import Tolerances, verify_artifact
+    from ..deploy.manifest import read_manifest
+    from ..runtimes import DEFAULT_RUNTIME, runner_class
+    from ..models.sources import resolve_model
+    from ..deploy.verify import Tolerances, verify_artifact
 
     manifest = read_manifest(args.dir)  # no manifest, truncated files: exit 2 before the model loads
     runner_class(args.runtime or DEFAULT_RUNTIME.get(manifest.target, "ort"))  # missing runtime: exit 2 now
@@ -104,10 +104,10 @@ def _verify_text(data: dict[str, Any], *, folder: Path, precision: str) -> str:
 
 
 def bench(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from .bench import bench_many, environment, format_table, ratios
-    from .manifest import read_manifest, record_result
-    from .runtimes import open_artifact
-    from .runtimes.pytorch import TorchRunner
+    from ..deploy.bench import bench_many, environment, format_table, ratios
+    from ..deploy.manifest import read_manifest, record_result
+    from ..runtimes import open_artifact
+    from ..runtimes.pytorch import TorchRunner
 
     manifest = read_manifest(args.dir)
     spec = manifest.spec

@@ -9,7 +9,7 @@ A higher score means a more important layer; selection keeps the layers whose su
 * ``magnitude``: the layer's weight norm normalised by its size, ‖θᵢ‖₂ / √|θᵢ| (root mean square of its weights).
 * ``random``: U[0, 1) per layer from the seed (the control baseline).
 
-Removal goes through :func:`laptop_deploy.layers.bypassed` — the layer is toggled in place, no model is copied —
+Removal goes through :func:`laptop_deploy.models.layers.bypassed` — the layer is toggled in place, no model is copied —
 and the teacher's outputs are computed once, so one-shot scoring costs N + 1 passes over the calibration set.
 """
 
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationSet
-from .errors import CheckFailed, LaptopDeployError
-from .layers import Layer, bypassed, tap_stages
+from ..errors import CheckFailed, LaptopDeployError
+from ..models.layers import Layer, bypassed, tap_stages
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import OutputError, StudentFormatError
+from ..errors import OutputError, StudentFormatError
 from .layers import apply_removal, removed_layers
 from .weights import read_safetensors
 

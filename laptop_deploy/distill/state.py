@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import DistillError, OutputError
+from ..errors import DistillError, OutputError
 
 if TYPE_CHECKING:
-    from .distill import DistEnv, DistillOptions
-    from .distill_data import DistillData
+    from .options import DistEnv, DistillOptions
+    from .data import DistillData
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "last.pt"

@@ -6,7 +6,7 @@ Written beside every artifact by its exporter; ``verify`` and ``bench`` add thei
     target, precision      e.g. "onnx", "fp16"
     model_file             the file a runner loads (e.g. "model.onnx", "model.ort")
     files                  {name: {"bytes": int, "sha256": hex}} for every file of the artifact
-    spec                   the ExportSpec (laptop_deploy.spec) as a dict
+    spec                   the ExportSpec (laptop_deploy.deploy.spec) as a dict
     source                 the model spec string, kind, family, params, removed layers, "sha256" of its weights
     tools                  versions of python, torch, diffusers, onnx, onnxruntime, ... at export time
     export                 how it was exported (exporter, opset, seconds, peak RSS, fp16 block list, ...)
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 from .spec import ExportSpec
 
 MANIFEST = "manifest.json"

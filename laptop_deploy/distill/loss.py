@@ -1,5 +1,5 @@
 """The distillation loss: stage taps on the unwrapped U-Net, and the plain (BK-SDM) and normalized (LAPTOP-Diff)
-feature terms beside the output and task terms. The formula is in :mod:`laptop_deploy.distill`'s docstring."""
+feature terms beside the output and task terms. The formula is in :mod:`laptop_deploy.distill.train`'s docstring."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import stages, tap_stages
+from ..models.layers import stages, tap_stages
 
 if TYPE_CHECKING:
-    from .distill import DistillOptions
+    from .options import DistillOptions
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 
 
 def _check_sd_topology(config: Any, preset: str) -> int:

@@ -2,7 +2,7 @@
 
 A spec string is one of:
 
-* ``random:<preset>`` — a built-in architecture with seeded random weights (see :mod:`laptop_deploy.presets`);
+* ``random:<preset>`` — a built-in architecture with seeded random weights (see :mod:`laptop_deploy.models.presets`);
 * a student folder (``laptop_deploy_student.json`` inside), a diffusers U-Net folder (``config.json`` +
   weights), or a pipeline folder (``model_index.json`` + ``unet/``; its other parts load on demand);
 * a single checkpoint file: ``.safetensors``, or ``.ckpt``/``.pt``/``.pth``/``.bin`` (pickle only with opt-in);
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelSourceError
+from ..errors import ModelSourceError
 from .pipeline import PART_NAMES, build_pipeline, build_preset_part
 from .presets import Preset, get_preset
 from .student import is_student_folder, load_student, read_student_meta
@@ -125,7 +125,7 @@ def _from_preset(spec: str, preset: Preset, *, materialize: bool, seed: int) -> 
 
 def _from_toy(*, materialize: bool) -> ModelSource:
     """The trained toy teacher: the pipeline folder committed inside the package."""
-    from .toy.model import TEACHER_DIR
+    from ..toy.model import TEACHER_DIR
 
     if not (TEACHER_DIR / "model_index.json").is_file():
         raise ModelSourceError(f"model 'toy': its weights are missing from {TEACHER_DIR} (a broken install?); "

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 
 
 def inventory(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from .inventory import build_inventory, format_inventory
-    from .sources import resolve_model
+    from ..models.inventory import build_inventory, format_inventory
+    from ..models.sources import resolve_model
 
     # Counting needs only the architecture: presets and folders resolve on the meta device without weights.
     source = resolve_model(args.model, materialize=False, seed=args.seed, allow_pickle=args.allow_pickle)
@@ -58,11 +58,11 @@ def _progress_bar(description: str):
 
 
 def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from .calibration import read_prompts
-    from .pruning import PruneOptions, plan_pruning
-    from .report import plan_markdown
-    from .sources import resolve_model
-    from .student import make_student, prepare_output, save_student
+    from ..prune.calibration import read_prompts
+    from ..prune.plan import PruneOptions, plan_pruning
+    from ..prune.report import plan_markdown
+    from ..models.sources import resolve_model
+    from ..models.student import make_student, prepare_output, save_student
 
     prepare_output(args.out, force=args.force)
     options = PruneOptions(
@@ -89,7 +89,7 @@ def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any], str]:
-    from .report import format_value
+    from ..prune.report import format_value
 
     summary = {"out": str(out), **{k: result[k] for k in (
         "params_before", "params_after", "ratio_achieved", "params_ratio_achieved", "macs_before", "macs_after",
@@ -109,13 +109,14 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
 
 
 def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from .calibration import read_prompts
-    from .distill import DistillOptions, distill, prepare_run
-    from .distill_state import clear_run_folder, prepare_run_folder
-    from .distill_data import image_data, prompt_data
-    from .sources import resolve_model
-    from .student import is_student_folder, read_student_meta
-    from .unet_io import check_latent_size
+    from ..prune.calibration import read_prompts
+    from ..distill.options import DistillOptions
+    from ..distill.train import distill, prepare_run
+    from ..distill.state import clear_run_folder, prepare_run_folder
+    from ..distill.data import image_data, prompt_data
+    from ..models.sources import resolve_model
+    from ..models.student import is_student_folder, read_student_meta
+    from ..models.unet_io import check_latent_size
 
     options = DistillOptions(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -183,7 +184,7 @@ def _step_bar():
 
 
 def _distill_text(summary: dict[str, Any]) -> str:
-    from .report import format_value
+    from ..prune.report import format_value
 
     evals = summary["eval"]
     start = evals.get("start", {}).get("total")
@@ -207,11 +208,11 @@ def _distill_text(summary: dict[str, Any]) -> str:
 def quality(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """The toy teacher and ``--model`` (a student pruned or distilled from it) draw the held-out prompts from the
     same seeds; the judge grades both, PSNR compares them, McNemar says whether the alignments differ."""
-    from .distill import check_student
-    from .errors import DistillError
-    from .sources import resolve_model
-    from .toy.evaluate import eval_pairs, judge_model, mcnemar
-    from .toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from ..distill.train import check_student
+    from ..errors import DistillError
+    from ..models.sources import resolve_model
+    from ..toy.evaluate import eval_pairs, judge_model, mcnemar
+    from ..toy.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance

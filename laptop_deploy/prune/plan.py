@@ -1,8 +1,8 @@
 """LAPTOP-Diff pruning end to end: inventory → calibration → scores → exact knapsack → additivity → plan.
 
 :func:`plan_pruning` decides what to remove and measures it; it never changes the model's function (scoring only
-toggles layers in place). The caller turns ``plan.removed`` into a student with :func:`laptop_deploy.student
-.make_student` and writes the plan beside it (:func:`laptop_deploy.report.write_plan_files`).
+toggles layers in place). The caller turns ``plan.removed`` into a student with :func:`laptop_deploy.models.student
+.make_student` and writes the plan beside it (:func:`laptop_deploy.prune.report.write_plan_files`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 
 from .additivity import measure_additivity, random_sets
 from .calibration import build_calibration
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 from .handcrafted import handcrafted_removal
-from .inventory import Inventory, build_inventory, count_macs, meta_twin
+from ..models.inventory import Inventory, build_inventory, count_macs, meta_twin
 from .knapsack import solve_knapsack
-from .layers import Layer, apply_removal, check_removal, discover_layers
+from ..models.layers import Layer, apply_removal, check_removal, discover_layers
 from .scoring import NEEDS_FORWARD, Scorer, ScoringContext, get_criterion, output_loss, resolve_device
 
 COSTS = ("params", "macs")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 from .manifest import tool_versions
 
 PERCENTILES = (50, 90, 99)

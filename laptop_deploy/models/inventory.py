@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import LaptopDeployError
+from ..errors import LaptopDeployError
 from .layers import Layer, apply_removal, discover_layers
 from .unet_io import check_latent_size, example_inputs
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .conditioning import DEFAULT_PROMPTS, encode_prompts, has_text_encoders, seeded_conditioning
+from ..models.conditioning import DEFAULT_PROMPTS, encode_prompts, has_text_encoders, seeded_conditioning
 from .spec import ExportSpec
 
 PSNR_CAP = 200.0
@@ -181,7 +181,7 @@ def make_scheduler(source: Any):
 
 def conditioning(source: Any, spec: ExportSpec, *, seed: int) -> dict[str, np.ndarray]:
     """Text conditioning feeds for ``spec.batch`` prompts: the source's text encoders when it has them, else
-    seeded stand-ins of the right shapes (:func:`~laptop_deploy.conditioning.seeded_conditioning`)."""
+    seeded stand-ins of the right shapes (:func:`~laptop_deploy.models.conditioning.seeded_conditioning`)."""
     px = (spec.height * 8, spec.width * 8)
     if source is not None and has_text_encoders(source):
         prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(spec.batch)]
@@ -289,8 +289,8 @@ def verify_artifact(folder: Path, source: Any, *, runtime: str | None = None, st
     ``record``, store the summary under ``results.parity`` in its manifest. ``runner_options`` go to the
     artifact's runner (e.g. ``providers``, ``intra_op_threads``)."""
     from .manifest import ArtifactError, model_hash, read_manifest, record_result
-    from .runtimes import open_artifact
-    from .runtimes.pytorch import TorchRunner
+    from ..runtimes import open_artifact
+    from ..runtimes.pytorch import TorchRunner
 
     manifest = read_manifest(folder)
     expected = manifest.source.get("sha256")

@@ -9,7 +9,7 @@ What is drawn, in this order, from one ``torch.Generator`` seeded with ``seed`` 
    variance;
 3. noise ε ~ N(0, I), and the U-Net input x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (the DDPM forward process with the source's
    β schedule, or SD's scaled-linear 0.00085→0.012 when the source has no scheduler);
-4. text conditioning: prompts (``prompts``, else :data:`~laptop_deploy.conditioning.DEFAULT_PROMPTS`, cycled)
+4. text conditioning: prompts (``prompts``, else :data:`~laptop_deploy.models.conditioning.DEFAULT_PROMPTS`, cycled)
    through the source's text encoder(s) when it has them; otherwise N(0, I) stand-ins of the right shape (plus
    SDXL's pooled text embedding). SDXL's time_ids are (h, w, 0, 0, h, w) in pixels (latent size × the VAE's
    factor; 8 without a VAE).
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .conditioning import DEFAULT_PROMPTS, encode_prompts, has_text_encoders, seeded_conditioning
-from .errors import LaptopDeployError
-from .unet_io import check_latent_size
+from ..models.conditioning import DEFAULT_PROMPTS, encode_prompts, has_text_encoders, seeded_conditioning
+from ..errors import LaptopDeployError
+from ..models.unet_io import check_latent_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TRAIN_TIMESTEPS = 1000

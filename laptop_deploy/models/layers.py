@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import LayerError
+from ..errors import LayerError
 
 KINDS = ("resnet", "attention", "transformer-block")
 

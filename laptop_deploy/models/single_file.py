@@ -7,7 +7,7 @@ Two key layouts are understood:
   and text encoders (``cond_stage_model.*`` / ``conditioner.*``); only the U-Net tensors are read. The diffusers
   config is inferred from tensor shapes and the weights are renamed with diffusers' own converter.
 * ``diffusers``: a copied ``diffusion_pytorch_model.safetensors`` (``conv_in.weight``, ``down_blocks.0...``). The
-  file holds no config, so it must match one of :data:`laptop_deploy.presets.PRESETS` key for key and shape for shape.
+  file holds no config, so it must match one of :data:`laptop_deploy.models.presets.PRESETS` key for key and shape for shape.
 
 The number of attention heads is not stored in the weights; the family convention is used (SD-1.x: 8 heads per
 block; SD-2.x and SDXL: 64 channels per head).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelSourceError
+from ..errors import ModelSourceError
 from .presets import PRESETS
 from .weights import aligned, read_safetensors
 

@@ -10,7 +10,7 @@ def format_value(value: float | None, spec: str = ".4g") -> str:
 
 
 def plan_markdown(plan: dict[str, Any]) -> str:
-    """Markdown for a ``pruning_plan.json`` dict (see :meth:`laptop_deploy.pruning.PruningPlan.as_dict`)."""
+    """Markdown for a ``pruning_plan.json`` dict (see :meth:`laptop_deploy.prune.plan.PruningPlan.as_dict`)."""
     how = {"criterion": f"criterion `{plan['criterion']}`, cost `{plan['cost']}`, target ratio {plan['target_ratio']}",
            "preset": f"handcrafted preset `{plan['preset']}`",
            "explicit": "explicit removal set"}[plan["method"]]

@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .calibration import IMAGE_SUFFIXES, TRAIN_TIMESTEPS, resize_crop, vae_factor
-from .conditioning import encode_prompts, has_text_encoders
-from .errors import LaptopDeployError
-from .manifest import digest_tensors
+from ..prune.calibration import IMAGE_SUFFIXES, TRAIN_TIMESTEPS, resize_crop, vae_factor
+from ..models.conditioning import encode_prompts, has_text_encoders
+from ..errors import LaptopDeployError
+from ..deploy.manifest import digest_tensors
 
 CACHE_VERSION = 1
 ENCODE_BATCH = 8
@@ -320,7 +320,7 @@ def _write_cache(path: Path, data: DistillData) -> None:
 def _read_cache(path: Path) -> DistillData:
     from safetensors import safe_open
 
-    from .weights import read_safetensors
+    from ..models.weights import read_safetensors
 
     tensors = read_safetensors(path)
     with safe_open(str(path), framework="pt") as handle:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .layers import Layer
+from ..models.layers import Layer
 
 
 @dataclass(frozen=True)
