@@ -32,3 +32,15 @@ def inputs_for() -> Callable[..., dict]:
         return example_inputs(unet.config, batch=batch, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32(tmp_path_factory):
+    """(source, folder): a static fp32 random:tiny-sd15 ONNX artifact (TorchScript exporter, the fastest valid
+    one: ~10 s), exported once per session and shared by every module. Read-only: copy it before changing it."""
+    pytest.importorskip("onnxruntime")
+    from deploy_fixtures import export_artifact, tiny_source, torch_threads
+
+    with torch_threads(1):
+        source = tiny_source("random:tiny-sd15")
+        return source, export_artifact(source, tmp_path_factory.mktemp("shared") / "onnx", exporter="torchscript")

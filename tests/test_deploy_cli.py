@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from deploy_fixtures import export_artifact, tiny_source, torch_threads  # noqa: E402
+from deploy_fixtures import torch_threads  # noqa: E402
 from laptop_deploy.cli.main import main  # noqa: E402
 from laptop_deploy.deploy.manifest import describe_files, read_manifest, write_manifest  # noqa: E402
 
@@ -26,10 +26,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    """A static fp32 tiny-sd15 artifact (TorchScript exporter: the fastest way to get a valid one)."""
-    return export_artifact(tiny_source("random:tiny-sd15"), tmp_path_factory.mktemp("cli") / "onnx",
-                           exporter="torchscript")
+def artifact(tiny_onnx_fp32):
+    """A static fp32 tiny-sd15 artifact (conftest's session export, shared with test_integrity / parity)."""
+    return tiny_onnx_fp32[1]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -61,11 +60,11 @@ def test_export_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, extra, me
     assert list(tmp_path.iterdir()) == []  # the failed export (the last case fails mid-way) left no trace
 
 
-def test_export_into_a_non_empty_folder_needs_force(capsys, tmp_path):
+def test_export_into_a_users_folder_is_refused_even_with_force(capsys, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    _one_line_exit_2(capsys, ["export", "--model", "random:tiny-sd15", "--target", "onnx", "--out",
-                              str(tmp_path / "out")], "is a non-empty folder; pass --force")
+    _one_line_exit_2(capsys, ["export", "--model", "random:tiny-sd15", "--target", "onnx", "--force", "--out",
+                              str(tmp_path / "out")], "holds files laptop-deploy did not write (keep.txt)")
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
 

@@ -16,7 +16,7 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from ..deploy.manifest import model_hash
     from ..models.sources import resolve_model
     from ..deploy.spec import build_spec
-    from ..models.student import prepare_output, write_atomically
+    from ..outputs import prepare_output, write_atomically
 
     prepare_output(args.out, force=args.force)
     exporter = get_exporter(args.target)
@@ -37,7 +37,7 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     def write(tmp: Path) -> None:
         written["manifest"] = exporter.export(source.unet, spec, tmp, source=described, options=options)
 
-    write_atomically(args.out, write, force=args.force)
+    write_atomically(args.out, write, force=args.force, kind="artifact")
     manifest = written["manifest"]
     size = sum(f["bytes"] for f in manifest.files.values())
     result = {"out": str(args.out), "target": manifest.target, "precision": manifest.precision,
@@ -61,12 +61,13 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from ..deploy.manifest import read_manifest
+    from ..deploy.manifest import check_integrity
     from ..runtimes import DEFAULT_RUNTIME, runner_class
     from ..models.sources import resolve_model
     from ..deploy.verify import Tolerances, verify_artifact
 
-    manifest = read_manifest(args.dir)  # no manifest, truncated files: exit 2 before the model loads
+    # no manifest, truncated or modified files: exit 2 before the model loads
+    manifest = check_integrity(args.dir, skip_digest=args.skip_digest)
     runner_class(args.runtime or DEFAULT_RUNTIME.get(manifest.target, "ort"))  # missing runtime: exit 2 now
     if args.steps < 2:
         raise LaptopDeployError(f"--steps {args.steps}: need at least 2 denoising steps")
@@ -75,7 +76,7 @@ def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                             min_psnr_db=base.min_psnr_db if args.min_psnr is None else args.min_psnr)
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
     result = verify_artifact(args.dir, source, runtime=args.runtime, steps=args.steps, seed=args.seed,
-                             tolerances=tolerances, **_runner_options(args))
+                             tolerances=tolerances, manifest=manifest, **_runner_options(args))
     data = result.as_dict()
     if not result.passed:
         data["exit_code"] = 1
@@ -105,11 +106,11 @@ def _verify_text(data: dict[str, Any], *, folder: Path, precision: str) -> str:
 
 def bench(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from ..deploy.bench import bench_many, environment, format_table, ratios
-    from ..deploy.manifest import read_manifest, record_result
+    from ..deploy.manifest import check_integrity, record_result
     from ..runtimes import open_artifact
     from ..runtimes.pytorch import TorchRunner
 
-    manifest = read_manifest(args.dir)
+    manifest = check_integrity(args.dir, skip_digest=args.skip_digest)
     spec = manifest.spec
     artifact = open_artifact(args.dir, manifest=manifest, runtime=args.runtime, **_runner_options(args))
     label = f"{artifact.name} {manifest.target} {manifest.precision}"

@@ -32,6 +32,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
+def _digest_arg(parser: argparse.ArgumentParser) -> None:
+    """``--skip-digest`` for every verb that runs an artifact (deploy.manifest.check_integrity)."""
+    parser.add_argument("--skip-digest", action="store_true",
+                        help="do not re-hash the artifact's files against manifest.json (sizes are still checked)")
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="M",
                         help="toy (the trained toy teacher), random:<preset>, a U-Net/pipeline/student folder, "
@@ -108,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--additivity-sets", type=int, metavar="M",
                        help="random removal sets for the additivity check (default 10 with --ratio, else 0)")
     prune.add_argument("--prompts", type=Path, metavar="FILE", help="calibration prompts, one per line")
-    prune.add_argument("--images", type=Path, metavar="DIR", help="calibration images, VAE-encoded to latents")
+    prune.add_argument("--images", type=Path, metavar="DIR", help="calibration images, VAE-encoded to latents "
+                       "(conditioned on their own captions when the folder is captioned as for distill --data)")
+    prune.add_argument("--steps", type=int, metavar="N", help="calibration timesteps from an N-step run of the "
+                       "model's sampler, weighted as inference visits them (default: uniform over training's)")
+    prune.add_argument("--refine", type=int, default=0, metavar="ROUNDS", help="rounds of interaction-aware "
+                       "refinement of the knapsack's set by measured joint losses (default 0: one-shot)")
+    prune.add_argument("--calib-seeds", type=int, default=1, metavar="K", help="score under K calibration draws "
+                       "and report how stable the choice is (default 1: no report)")
     prune.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
                        help="calibration and MAC latent size (default: the U-Net's sample_size)")
     prune.add_argument("--device", default="cpu", help="cpu or cuda[:i] for scoring (default cpu)")
@@ -211,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--steps", type=int, default=10, help="denoising steps of the captured loop (default 10)")
     verify.add_argument("--max-rel-l2", type=float, metavar="X", help="override the relative L2 bound")
     verify.add_argument("--min-psnr", type=float, metavar="DB", help="override the PSNR floor")
+    _digest_arg(verify)
     _common(verify)
 
     bench = verbs.add_parser("bench", help="measure an artifact's latency (optionally against eager PyTorch)")
@@ -225,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", metavar="M", help="model for --vs-torch (default: the manifest's source)")
     bench.add_argument("--seed", type=int, help="seed of a random:<preset> model (default: the manifest's)")
     bench.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt files for --vs-torch")
+    _digest_arg(bench)
     _common(bench)
     return parser
 

@@ -284,15 +284,16 @@ def run_parity(reference: Any, candidate: Any, *, source: Any, steps: int = DEFA
 
 def verify_artifact(folder: Path, source: Any, *, runtime: str | None = None, steps: int = DEFAULT_STEPS,
                     seed: int = 0, tolerances: Tolerances | None = None, record: bool = True,
-                    **runner_options: Any) -> VerifyResult:
+                    manifest: Any = None, skip_digest: bool = False, **runner_options: Any) -> VerifyResult:
     """Verify the artifact in ``folder`` against ``source`` (a resolved ModelSource, weights loaded) and, with
     ``record``, store the summary under ``results.parity`` in its manifest. ``runner_options`` go to the
-    artifact's runner (e.g. ``providers``, ``intra_op_threads``)."""
-    from .manifest import ArtifactError, model_hash, read_manifest, record_result
+    artifact's runner (e.g. ``providers``, ``intra_op_threads``). Without ``manifest`` (one the caller already
+    checked), every file is checked against the manifest first (:func:`~.manifest.check_integrity`)."""
+    from .manifest import ArtifactError, check_integrity, model_hash, record_result
     from ..runtimes import open_artifact
     from ..runtimes.pytorch import TorchRunner
 
-    manifest = read_manifest(folder)
+    manifest = manifest or check_integrity(folder, skip_digest=skip_digest)
     expected = manifest.source.get("sha256")
     actual = model_hash(source.unet)
     if expected and actual != expected:
