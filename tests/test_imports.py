@@ -187,3 +187,14 @@ def test_every_module_imports_on_its_own_without_side_effects():
     skipped = {name: r["skipped"] for name, r in report.items() if "skipped" in r}
     # only optional targets may be missing (TensorRT cannot be installed here); everything else must import
     assert all(name.endswith("tensorrt") for name in skipped), skipped
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists packages explicitly (exporters/ and runtimes/ are mapped from the root): a new subpackage that
+    is not listed works from a checkout and is missing from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    packages = {name for name, path in package_modules().items() if path.name == "__init__.py"}
+    assert packages - listed == set()
