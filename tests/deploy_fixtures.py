@@ -12,7 +12,7 @@ from laptop_deploy.models.layers import apply_removal
 from laptop_deploy.deploy.manifest import model_hash
 from laptop_deploy.models.sources import ModelSource, resolve_model
 from laptop_deploy.deploy.spec import build_spec
-from laptop_deploy.models.student import write_atomically
+from laptop_deploy.outputs import write_atomically
 
 # Students of the tiny presets: ResNets, whole attentions and (SDXL) single transformer blocks removed.
 STUDENT_REMOVALS = {

@@ -27,7 +27,7 @@ from laptop_deploy.runtimes.coreml import CoreMLRunner
 from laptop_deploy.cli.main import main
 from laptop_deploy.deploy.manifest import ArtifactError, model_hash, read_manifest
 from laptop_deploy.deploy.spec import build_spec, torch_inputs, wrap_unet
-from laptop_deploy.models.student import write_atomically
+from laptop_deploy.outputs import write_atomically
 
 MACOS = sys.platform == "darwin"
 FP16 = 10  # MIL proto DataType values of an op's output tensor

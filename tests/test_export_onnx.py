@@ -21,7 +21,7 @@ from laptop_deploy.deploy.manifest import read_manifest  # noqa: E402
 from laptop_deploy.runtimes.ort import OrtRunner  # noqa: E402
 from laptop_deploy.runtimes.pytorch import TorchRunner  # noqa: E402
 from laptop_deploy.deploy.spec import build_spec  # noqa: E402
-from laptop_deploy.models.student import write_atomically  # noqa: E402
+from laptop_deploy.outputs import write_atomically  # noqa: E402
 from laptop_deploy.deploy.verify import Tolerances, compare, verify_artifact  # noqa: E402
 
 STEPS = 4  # denoising steps in these tests: high, middle and low timesteps are still captured

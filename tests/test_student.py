@@ -77,9 +77,10 @@ def test_save_refuses_files_and_non_empty_folders_and_leaves_nothing_on_failure(
         save_student(student, tmp_path / "file", teacher={})
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep").write_text("x")
-    with pytest.raises(OutputError, match="--force"):
-        save_student(student, tmp_path / "full", teacher={})
+    with pytest.raises(OutputError, match=r"did not write \(keep\)"):  # a user's folder: even with force
+        save_student(student, tmp_path / "full", teacher={}, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]
+    assert (tmp_path / "full" / "keep").read_text() == "x"
     with pytest.raises(TypeError):  # a failure mid-write leaves no folder and no temporary
         save_student(student, tmp_path / "new", teacher={"not json": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]

@@ -62,21 +62,25 @@ def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from ..prune.plan import PruneOptions, plan_pruning
     from ..prune.report import plan_markdown
     from ..models.sources import resolve_model
-    from ..models.student import make_student, prepare_output, save_student
+    from ..models.student import make_student, save_student
+    from ..outputs import prepare_output
+    from .profile_commands import latency_options, measure_after_pruning
 
-    prepare_output(args.out, force=args.force)
+    prepare_output(args.out, force=args.force)  # unsafe, foreign or unwritable --out: exit 2 before loading
     options = PruneOptions(
         ratio=args.ratio, preset=args.preset, criterion=args.criterion, cost=args.cost, calib=args.calib,
         batch_size=args.batch_size, seed=args.seed, device=args.device, autocast=args.autocast,
         granularity=args.granularity, additivity_sets=args.additivity_sets,
         prompts=read_prompts(args.prompts) if args.prompts else None, images=args.images,
-        latent_size=tuple(args.latent_size) if args.latent_size else None,
-        remove=_removal_names(args.remove) if args.remove is not None else None)
+        latent_size=tuple(args.latent_size) if args.latent_size else None, steps=args.steps, refine=args.refine,
+        calib_seeds=args.calib_seeds, remove=_removal_names(args.remove) if args.remove is not None else None,
+        **latency_options(args))  # a missing, foreign or mismatched --latency-table: exit 2 before loading
     if options.remove == []:
         raise LaptopDeployError("--remove names no layer")
     options.validate()  # before the model is loaded: bad flags fail in a second
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
     plan = plan_pruning(source, options, progress=_progress_bar("scoring"))
+    measure_after_pruning(plan, source.unet, skip=args.no_measure)  # the prediction checked on the student
     result = plan.as_dict()
     # Everything that could still fail (formatting included) happens before the folder is written.
     summary, text = _prune_summary(result, out=args.out)
@@ -103,6 +107,11 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
     if additivity is not None:
         text += (f"; additivity Pearson {format_value(additivity['pearson'], '.3f')}, "
                  f"Spearman {format_value(additivity['spearman'], '.3f')}")
+    summary["latency"] = result.get("latency")
+    if result.get("latency"):
+        from ..prune.latency_cost import latency_text
+
+        text += "\n" + latency_text(result["latency"])
     text += "".join(f"\nnote: {note}" for note in result["notes"])
     text += f"\nstudent, pruning_plan.json and pruning_report.md written to {out}"
     return summary, text
@@ -112,7 +121,7 @@ def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from ..prune.calibration import read_prompts
     from ..distill.options import DistillOptions
     from ..distill.train import distill, prepare_run
-    from ..distill.state import clear_run_folder, prepare_run_folder
+    from ..distill.state import prepare_run_folder, start_run_folder
     from ..distill.data import image_data, prompt_data
     from ..models.sources import resolve_model
     from ..models.student import is_student_folder, read_student_meta
@@ -148,8 +157,8 @@ def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         data = image_data(teacher, args.data, latent_size=latent_size, cache_dir=args.cache_dir,
                           progress=_counter_bar)
     run = prepare_run(teacher, student, data, options, args.out, progress=_step_bar())
-    if args.force and not args.resume:
-        clear_run_folder(args.out)
+    if not args.resume:
+        start_run_folder(args.out, force=args.force)
     summary = distill(run, resume=args.resume)
     if not run.env.main:
         return None, ""  # under torchrun / accelerate launch only rank 0 reports

@@ -12,6 +12,10 @@ from ..errors import LaptopDeployError
 
 
 def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    if getattr(args, "pipeline", False):  # the whole pipeline as an app bundle (deploy.bundle)
+        from .bundle_commands import export_pipeline
+
+        return export_pipeline(args)
     from ..exporters import get_exporter
     from ..deploy.manifest import model_hash
     from ..models.sources import resolve_model
@@ -24,6 +28,10 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if getattr(args, "dry_run", False) and not getattr(options, "dry_run", False):
         raise LaptopDeployError(f"--dry-run is supported by --target trt only, not '{args.target}'")
     options.check()
+    supported = getattr(exporter, "PRECISIONS", ("fp32", "fp16"))  # int8 only where the exporter declares it
+    if args.precision and args.precision not in supported:
+        raise LaptopDeployError(f"--precision {args.precision} is not supported by --target {args.target}; "
+                                f"valid: {', '.join(supported)}")
     # The spec (and the latent-size check) needs only the config: resolve on the meta device first.
     source = resolve_model(args.model, materialize=False, seed=args.seed, allow_pickle=args.allow_pickle)
     spec = build_spec(source.unet.config, batch=args.batch, height=args.height, width=args.width,
@@ -61,22 +69,30 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from ..deploy.bundle_format import is_bundle
+
+    if is_bundle(args.dir):  # an app bundle (export --pipeline): every part, then end to end
+        from .bundle_commands import verify_bundle
+
+        return verify_bundle(args)
+    if args.model is None:
+        raise LaptopDeployError("verify: --model is required for a single artifact (the PyTorch model to compare)")
     from ..deploy.manifest import check_integrity
     from ..runtimes import DEFAULT_RUNTIME, runner_class
     from ..models.sources import resolve_model
-    from ..deploy.verify import Tolerances, verify_artifact
+    from ..deploy.verify import parity_rules, verify_artifact
 
     # no manifest, truncated or modified files: exit 2 before the model loads
     manifest = check_integrity(args.dir, skip_digest=args.skip_digest)
     runner_class(args.runtime or DEFAULT_RUNTIME.get(manifest.target, "ort"))  # missing runtime: exit 2 now
     if args.steps < 2:
         raise LaptopDeployError(f"--steps {args.steps}: need at least 2 denoising steps")
-    base = Tolerances.for_precision(manifest.precision)
-    tolerances = Tolerances(max_rel_l2=base.max_rel_l2 if args.max_rel_l2 is None else args.max_rel_l2,
-                            min_psnr_db=base.min_psnr_db if args.min_psnr is None else args.min_psnr)
+    tolerances, gate = parity_rules(max_rel_l2=args.max_rel_l2, min_psnr_db=args.min_psnr,
+                                    atol=getattr(args, "atol", None), rtol=getattr(args, "rtol", None),
+                                    factor=getattr(args, "factor", None))
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
     result = verify_artifact(args.dir, source, runtime=args.runtime, steps=args.steps, seed=args.seed,
-                             tolerances=tolerances, manifest=manifest, **_runner_options(args))
+                             tolerances=tolerances, gate=gate, manifest=manifest, **_runner_options(args))
     data = result.as_dict()
     if not result.passed:
         data["exit_code"] = 1
@@ -84,22 +100,34 @@ def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _verify_text(data: dict[str, Any], *, folder: Path, precision: str) -> str:
-    def psnr(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.1f}"
+    """The per-case table (error vs PyTorch fp32; the gate's floor, the artifact's error vs float64 and their
+    ratio) and the verdict, naming the rule that decided it."""
+    def g(value: float | None, fmt: str = ".3g") -> str:
+        return "n/a" if value is None else format(value, fmt)
 
-    lines = [f"{'case':<22} {'max abs':>10} {'mean abs':>10} {'rel L2':>10} {'cosine':>10} {'PSNR dB':>8} "
-             f"{'NaN/Inf':>8}"]
-    for c in data["cases"]:
-        lines.append(f"{c['case']:<22} {c['max_abs']:>10.3g} {c['mean_abs']:>10.3g} {c['rel_l2']:>10.3g} "
-                     f"{c['cosine']:>10.6f} {psnr(c['psnr_db']):>8} {c['nan_count'] + c['inf_count']:>8}")
-    e2e = data["end_to_end"]
-    lines.append(f"{'end-to-end (' + str(data['steps']) + ' steps)':<22} {e2e['max_abs']:>10.3g} "
-                 f"{e2e['mean_abs']:>10.3g} {e2e['rel_l2']:>10.3g} {e2e['cosine']:>10.6f} "
-                 f"{psnr(e2e['psnr_db']):>8} {e2e['nan_count'] + e2e['inf_count']:>8}")
-    tol = data["tolerances"]
+    gate = data.get("gate") or {}
+    rows = {(r["case"], r["output"]): r for r in gate.get("rows", [])}
+    lines = [f"{'case':<22} {'max abs':>9} {'rel L2':>9} {'PSNR dB':>8} {'NaN/Inf':>7} │ {'floor':>9} "
+             f"{'vs f64':>9} {'factor':>7} {'max-abs x':>9}"]
+    e2e = {**data["end_to_end"], "case": f"end-to-end ({data['steps']} steps)"}
+    for c, key in [*((c, (c["case"], c["output"])) for c in data["cases"]), (e2e, ("end-to-end", "latents"))]:
+        r = rows.get(key, {})
+        lines.append(f"{c['case']:<22} {g(c['max_abs']):>9} {g(c['rel_l2']):>9} {g(c['psnr_db'], '.1f'):>8} "
+                     f"{c['nan_count'] + c['inf_count']:>7} │ {g(r.get('floor_rel_l2')):>9} "
+                     f"{g(r.get('artifact_rel_l2')):>9} {g(r.get('factor_rel_l2'), '.2f'):>7} "
+                     f"{g(r.get('factor_max_abs'), '.2f'):>9}")
     verdict = "PASSED" if data["passed"] else "FAILED"
-    lines.append(f"{verdict}: {folder} ({precision}) vs PyTorch fp32 — worst rel L2 {data['rel_l2']:.3g} "
-                 f"(max {tol['max_rel_l2']}), worst PSNR {psnr(data['psnr_db'])} dB (min {tol['min_psnr_db']})")
+    tol = data["tolerances"]
+    fixed = ", ".join(f"{k} {v:g}" for k, v in tol.items() if v is not None) or "none (non-finite values only)"
+    worst = f"worst factor {g(gate.get('factor_rel_l2'), '.2f')} at {gate.get('worst_case')}" if rows else ""
+    if gate and gate.get("enforced"):
+        lines.append(f"{verdict}: {folder} ({precision}) — calibrated gate: error vs float64 ≤ "
+                     f"{gate['rel_l2_factor']:g}× the {next(iter(rows.values()))['reference']} noise floor "
+                     f"(relative L2) and ≤ {gate['max_abs_factor']:g}× (max abs); {worst}")
+    else:
+        lines.append(f"{verdict}: {folder} ({precision}) — fixed thresholds vs PyTorch fp32: {fixed}"
+                     + (f"; calibrated gate (reported, not applied): {worst}" if rows else ""))
+    lines.append(f"  vs PyTorch fp32: worst rel L2 {g(data['rel_l2'])}, worst PSNR {g(data['psnr_db'], '.1f')} dB")
     lines += [f"  {failure}" for failure in data["failures"]]
     return "\n".join(lines)
 
@@ -121,13 +149,14 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         runners["torch eager fp32"] = TorchRunner(model, spec=spec.with_precision("fp32"), seed=seed,
                                                   allow_pickle=args.allow_pickle)
     runners[label] = artifact
-    results = bench_many(runners, spec.example_feeds(seed=0), warmup=args.warmup, iterations=args.iterations)
+    feeds = spec.example_feeds(seed=0, batch=args.batch)  # another batch needs a dynamic artifact (exit 2)
+    results = bench_many(runners, feeds, warmup=args.warmup, iterations=args.iterations)
     main = results[-1]
     data = {**{k: v for k, v in main.as_dict().items() if k != "times_ms"},
             "runners": [r.as_dict() for r in results], "ratios": ratios(results), "environment": environment(),
-            "batch": spec.batch, "height": spec.height, "width": spec.width}
+            "batch": args.batch or spec.batch, "height": spec.height, "width": spec.width}
     record_result(args.dir, "latency", {k: v for k, v in data.items() if k != "runners"})
     env = data["environment"]
-    text = (f"{format_table(results)}\n{spec.batch}x{spec.height}x{spec.width} latent, {args.iterations} "
+    text = (f"{format_table(results)}\n{data['batch']}x{spec.height}x{spec.width} latent, {args.iterations} "
             f"iterations after {args.warmup} warm-up; {env['cpu']}, {env['logical_cores']} logical cores")
     return data, text

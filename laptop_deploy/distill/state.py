@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import DistillError, OutputError
+from ..models.student import META_FILE, STAGING, WEIGHTS_FILE
+from ..outputs import foreign_entries, fresh_folder, prepare_output
 
 if TYPE_CHECKING:
     from .options import DistEnv, DistillOptions
@@ -29,6 +29,9 @@ CHECKPOINT_FILE = "last.pt"
 LOG_FILE = "distill_log.jsonl"
 SUMMARY_FILE = "distill_summary.json"
 CHECKPOINT_VERSION = 1
+# Every top-level name a run writes into --out (its marker declares them): checkpoints, log, summary, and the
+# student's files (published through STAGING at the end).
+RUN_ENTRIES = (CHECKPOINT_DIR, LOG_FILE, SUMMARY_FILE, "config.json", WEIGHTS_FILE, META_FILE, STAGING)
 
 
 def plain_json(value: Any) -> Any:
@@ -98,34 +101,26 @@ def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> None:
-    """A fresh run needs an empty or new ``--out``; ``--resume`` needs its checkpoint. Checked (writability too)
+def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> Path:
+    """A fresh run needs a new, empty or laptop-deploy-written ``--out`` (replaced only with ``--force``);
+    ``--resume`` needs its checkpoint. Checked (writability too, see :func:`~laptop_deploy.outputs.prepare_output`)
     before anything is loaded, and without creating anything."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is an existing file; give a folder path")
-    if resume:
-        if force:
-            raise DistillError("--resume and --force contradict each other (--force starts over)")
-        if not (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
-            raise DistillError(f"--resume: no checkpoint at {out / CHECKPOINT_DIR / CHECKPOINT_FILE} "
-                               f"(nothing to resume; drop --resume to start)")
-    elif out.is_dir() and any(out.iterdir()) and not force:
+    if resume and force:
+        raise DistillError("--resume and --force contradict each other (--force starts over)")
+    if not resume and not force and Path(out).is_dir() and os.listdir(out) and not foreign_entries(Path(out)):
         raise OutputError(f"--out {out} is a non-empty folder; pass --resume to continue its run or --force to "
                           f"start over")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    try:  # a real probe (os.access says yes to root on read-only mounts); it leaves nothing behind
-        if not existing.is_dir():
-            raise NotADirectoryError
-        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
-    except OSError:
-        raise OutputError(f"--out {out}: cannot write there ({existing} is not a writable folder)") from None
+    out = prepare_output(out, force=force, keep=resume)
+    if resume and not (out / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
+        raise DistillError(f"--resume: no checkpoint at {out / CHECKPOINT_DIR / CHECKPOINT_FILE} "
+                           f"(nothing to resume; drop --resume to start)")
+    return out
 
 
-def _clear(out: Path) -> None:
-    for child in out.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+def start_run_folder(out: Path, *, force: bool) -> Path:
+    """A fresh run: ``out`` becomes an empty run folder with its marker (an old run is replaced atomically, and
+    only once the models and data have loaded, so a bad flag destroys nothing)."""
+    return fresh_folder(out, force=force, kind="distill-run", entries=RUN_ENTRIES)
 
 
 def logged_start(path: Path) -> dict[str, Any]:
@@ -150,9 +145,3 @@ def truncate_log(path: Path, step: int) -> None:
         if record.get("step", 0) <= step and not record.get("event") == "end":
             kept.append(line)
     _fsync_write(path, lambda handle: handle.write("".join(f"{line}\n" for line in kept).encode()))
-
-
-def clear_run_folder(out: Path) -> None:
-    """``--force``: empty ``out`` (called once the models and data have loaded, so a bad flag destroys nothing)."""
-    if out.is_dir():
-        _clear(out)

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import OutputError, StudentFormatError
+from ..errors import StudentFormatError
+from ..outputs import MARKER, as_path, write_atomically
 from .layers import apply_removal, removed_layers
 from .weights import read_safetensors
 
@@ -32,10 +31,11 @@ FORMAT = "laptop-deploy-student"
 FORMAT_VERSION = 1
 META_FILE = "laptop_deploy_student.json"
 WEIGHTS_FILE = "student.safetensors"
+STAGING = ".student-staging"  # publish_student's folder inside a run folder
 
 
-def is_student_folder(path: Path) -> bool:
-    return (path / META_FILE).is_file()
+def is_student_folder(path: str | os.PathLike[str]) -> bool:
+    return (as_path(path) / META_FILE).is_file()
 
 
 def make_student(teacher: nn.Module, names: list[str]) -> nn.Module:
@@ -44,31 +44,7 @@ def make_student(teacher: nn.Module, names: list[str]) -> nn.Module:
     return teacher
 
 
-def prepare_output(out: Path, *, force: bool = False) -> None:
-    """Refuse an output path that is a file, or a non-empty folder unless ``force``; checked before any work."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is an existing file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"--out {out} is a non-empty folder; pass --force to replace it")
-
-
-def write_atomically(out: Path, write: Any, *, force: bool = False) -> Path:
-    """Call ``write(tmp_dir)`` into a fresh sibling folder, then move it to ``out``: a failure leaves no trace."""
-    prepare_output(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def save_student(student: nn.Module, out: Path, *, teacher: dict[str, Any], force: bool = False,
+def save_student(student: nn.Module, out: str | os.PathLike[str], *, teacher: dict[str, Any], force: bool = False,
                  extra: dict[str, Any] | None = None, files: dict[str, str] | None = None) -> Path:
     """Write ``student`` to the folder ``out`` (atomically). ``teacher`` describes the source (spec, params);
     ``extra`` goes into the metadata; ``files`` are further text files (name -> content) written beside it."""
@@ -91,21 +67,24 @@ def save_student(student: nn.Module, out: Path, *, teacher: dict[str, Any], forc
         for name, content in (files or {}).items():
             (tmp / name).write_text(content)
 
-    return write_atomically(out, write, force=force)
+    return write_atomically(out, write, force=force, kind="student")
 
 
-def publish_student(student: nn.Module, folder: Path, **kwargs: Any) -> Path:
+def publish_student(student: nn.Module, folder: str | os.PathLike[str], **kwargs: Any) -> Path:
     """:func:`save_student` into an existing folder that holds other files (a distillation run): staged in a
     subfolder, then each file renamed into place, the metadata last — the folder is a student only once whole."""
-    staging = folder / ".student-staging"
+    folder = as_path(folder)
+    staging = folder / STAGING
     save_student(student, staging, force=True, **kwargs)
+    (staging / MARKER).unlink()  # the run folder keeps its own marker, which already declares these names
     for path in sorted(staging.iterdir(), key=lambda p: p.name == META_FILE):
         os.replace(path, folder / path.name)
     staging.rmdir()
     return folder
 
 
-def read_student_meta(path: Path) -> dict[str, Any]:
+def read_student_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = as_path(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -120,7 +99,7 @@ def read_student_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_student(path: Path, *, materialize: bool = True) -> nn.Module:
+def load_student(path: str | os.PathLike[str], *, materialize: bool = True) -> nn.Module:
     """Rebuild the student saved in ``path``; any missing or unexpected tensor is an error, never a random init.
 
     ``materialize=False`` returns the architecture on the meta device without reading the weights.
@@ -128,6 +107,7 @@ def load_student(path: Path, *, materialize: bool = True) -> nn.Module:
     from diffusers import UNet2DConditionModel
     from safetensors import SafetensorError
 
+    path = as_path(path)
     meta = read_student_meta(path)
     config = UNet2DConditionModel.load_config(path)
     with torch.device("meta"):
