@@ -38,7 +38,8 @@ from .onnx_fp16 import convert_to_fp16
 
 EXPORTERS = ("dynamo", "torchscript")
 MIN_OPSET = 18
-_ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
+_ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+               "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}  # int: token ids (bundles)
 
 
 class ExportError(LaptopDeployError):
@@ -103,7 +104,7 @@ def finish_artifact(fp32: Path, unet: nn.Module, spec: ExportSpec, out_dir: Path
         if spec.precision == "fp16":
             keep = [name for name in FP32_INPUTS if name in spec.input_names]
             model, info = convert_to_fp16(path, fp32_inputs=keep,
-                                          upcast_attention=bool(unet.config.get("upcast_attention")))
+                                          upcast_attention=bool(getattr(unet.config, "upcast_attention", False)))
             path = save_onnx(model, stage / "fp16" / MODEL_FILE)
             del model
         for item in path.parent.iterdir():
@@ -120,11 +121,14 @@ def finish_artifact(fp32: Path, unet: nn.Module, spec: ExportSpec, out_dir: Path
     return manifest
 
 
-def export_fp32(unet: nn.Module, spec: ExportSpec, folder: Path, *, options: OnnxOptions) -> Path:
-    """Trace the fp32 graph into ``folder/model.onnx`` (+ ``model.onnx.data`` above 2 GiB); returns the path."""
-    wrapper = wrap_unet(unet, spec)
-    example = spec.example_feeds(batch=max(spec.batch, 2) if spec.dynamic else None, seed=0)
-    args = torch_inputs(spec, example)
+def export_fp32(unet: nn.Module, spec: ExportSpec, folder: Path, *, options: OnnxOptions,
+                wrapper: nn.Module | None = None, args: tuple[torch.Tensor, ...] | None = None) -> Path:
+    """Trace the fp32 graph into ``folder/model.onnx`` (+ ``model.onnx.data`` above 2 GiB); returns the path.
+    ``wrapper`` / ``args``: another pipeline part's wrapper and example arguments (default: the U-Net's)."""
+    wrapper = wrapper if wrapper is not None else wrap_unet(unet, spec)
+    if args is None:
+        example = spec.example_feeds(batch=max(spec.batch, 2) if spec.dynamic else None, seed=0)
+        args = torch_inputs(spec, example)
     external = _weight_bytes(unet) > PROTOBUF_LIMIT
     path = folder / MODEL_FILE
     try:

@@ -16,6 +16,10 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         from .bundle_commands import export_pipeline
 
         return export_pipeline(args)
+    if getattr(args, "pipeline", False):  # the whole pipeline as an app bundle (deploy.bundle)
+        from .bundle_commands import export_pipeline
+
+        return export_pipeline(args)
     from ..exporters import get_exporter
     from ..deploy.manifest import model_hash
     from ..models.sources import resolve_model
@@ -69,6 +73,14 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from ..deploy.bundle_format import is_bundle
+
+    if is_bundle(args.dir):  # an app bundle (export --pipeline): every part, then end to end
+        from .bundle_commands import verify_bundle
+
+        return verify_bundle(args)
+    if args.model is None:
+        raise LaptopDeployError("verify: --model is required for a single artifact (the PyTorch model to compare)")
     from ..deploy.bundle_format import is_bundle
 
     if is_bundle(args.dir):  # an app bundle (export --pipeline): every part, then end to end

@@ -38,8 +38,8 @@ def _digest_arg(parser: argparse.ArgumentParser) -> None:
                         help="do not re-hash the artifact's files against manifest.json (sizes are still checked)")
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="M",
+def _model_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, metavar="M",
                         help="toy (the trained toy teacher), random:<preset>, a U-Net/pipeline/student folder, "
                              "a checkpoint file, or a hub id")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:<preset> weights (default 0)")
@@ -56,6 +56,35 @@ def _coreml_args(group: Any) -> None:  # an argparse argument group
     group.add_argument("--quantize", type=int, metavar="BITS", help="linear weight quantization: 8, or 4 (iOS18+)")
     group.add_argument("--coreml-sizes", metavar="HxW,...",
                        help="further latent sizes the package accepts (EnumeratedShapes), e.g. 64x64,96x64")
+
+
+def _bundle_verify_args(group: Any) -> None:  # verify BUNDLE (deploy.bundle_verify)
+    group.add_argument("--prompt", action="append", metavar="P",
+                       help="end-to-end prompt (repeatable; default: two built-in prompts)")
+    group.add_argument("--scheduler", choices=("ddim", "euler", "dpm++"),
+                       help="sampler (default: the bundle's scheduler config)")
+    group.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
+
+
+def _generate_parser(verbs: Any) -> None:
+    gen = verbs.add_parser("generate", help="draw an image from an app bundle without torch (the reference app loop)")
+    gen.set_defaults(handler="laptop_deploy.cli.bundle_commands:generate")
+    gen.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder (export --pipeline)")
+    gen.add_argument("--prompt", required=True, metavar="P")
+    gen.add_argument("--negative-prompt", metavar="N", help="the unconditional prompt of guidance (default empty)")
+    gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance; <= 1 disables (7.5)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial latents (numpy PCG64; default 0)")
+    gen.add_argument("--scheduler", metavar="NAME", help="ddim, euler or dpm++ (default: the bundle's config)")
+    gen.add_argument("--height", type=int, metavar="H", help="image height in pixels (default: the bundle's)")
+    gen.add_argument("--width", type=int, metavar="W", help="image width in pixels (default: the bundle's)")
+    gen.add_argument("--out", required=True, type=Path, metavar="IMAGE.png", help="PNG file to write")
+    gen.add_argument("--force", action="store_true", help="replace an existing --out file")
+    gen.add_argument("--sequential", action="store_true",
+                     help="load one part at a time and free it (text encoder, U-Net, VAE decoder): low memory")
+    gen.add_argument("--threads", type=int, metavar="N", help="intra-op threads of ONNX Runtime")
+    _digest_arg(gen)
+    _common(gen)
 
 
 def _tensorrt_args(group: Any) -> None:  # an argparse argument group
@@ -210,14 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--slim", action="store_true", help="run onnxslim on the graph")
     export.add_argument("--out", required=True, type=Path, metavar="DIR", help="artifact folder to write")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    export.add_argument("--pipeline", action="store_true",
+                        help="the whole text-to-image pipeline as an app bundle (onnx, ort-mobile): text "
+                             "encoder(s), U-Net, VAE, tokenizer(s), scheduler in the diffusers ONNX layout")
     _tensorrt_args(export.add_argument_group("TensorRT (--target trt)"))
     _coreml_args(export.add_argument_group("Core ML (--target coreml)"))
     _common(export)
 
     verify = verbs.add_parser("verify", help="prove an artifact computes what the PyTorch model computes")
     verify.set_defaults(handler="laptop_deploy.cli.deploy_commands:verify")
-    verify.add_argument("dir", type=Path, metavar="DIR", help="artifact folder (with manifest.json)")
-    _model_args(verify)
+    verify.add_argument("dir", type=Path, metavar="DIR", help="artifact folder (with manifest.json) or app bundle")
+    _model_args(verify, required=False)  # required for a single artifact; a bundle records its model
     verify.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
     verify.add_argument("--provider", metavar="NAME", help="execution provider: cpu (default), cuda, tensorrt, auto")
     verify.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the runtime")
@@ -226,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--min-psnr", type=float, metavar="DB", help="override the PSNR floor")
     _digest_arg(verify)
     _common(verify)
+
+    _bundle_verify_args(verify.add_argument_group("app bundles (export --pipeline)"))
+    _generate_parser(verbs)
 
     bench = verbs.add_parser("bench", help="measure an artifact's latency (optionally against eager PyTorch)")
     bench.set_defaults(handler="laptop_deploy.cli.deploy_commands:bench")

@@ -1,0 +1,165 @@
+"""An app bundle's layout and its ``manifest.json`` — read, written and checked without torch.
+
+``export --pipeline`` writes the diffusers/Optimum ONNX pipeline layout, which
+``diffusers.OnnxStableDiffusionPipeline.from_pretrained`` loads as it is (SD-1.x/2.x)::
+
+    model_index.json                 diffusers' pipeline index (OnnxStableDiffusionPipeline / ORT SDXL names)
+    manifest.json                    this module's format: parts, tokenizers, scheduler, image geometry, files
+    text_encoder/model.onnx          input_ids int32 [batch, 77] -> last_hidden_state, pooler_output (...)
+    text_encoder_2/model.onnx        SDXL only: -> text_embeds, last_hidden_state, hidden_states.0..L
+    unet/model.onnx                  the (pruned) U-Net, ExportSpec names (sample, timestep, ...)
+    vae_decoder/model.onnx           latent_sample [batch, C, h, w] (already / scaling_factor) -> sample in [-1, 1]
+    vae_encoder/model.onnx           sample [batch, 3, H, W] -> latent_sample (the posterior mean, unscaled)
+    tokenizer/, tokenizer_2/         tokenizer.json (the `tokenizers` library reads it) + transformers' files
+    scheduler/scheduler_config.json  the source's scheduler config, unchanged
+
+ORT Mobile bundles have ``model.ort`` in place of ``model.onnx``. Every part folder also holds the part's own
+``manifest.json`` (the single-artifact format of :mod:`laptop_deploy.deploy.manifest`).
+
+This module is imported by the torch-free app loop (:mod:`.generate`): it may import only the standard library and
+numpy. :func:`check_bundle` is the digest check every verb that loads a bundle runs first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import LaptopDeployError
+
+BUNDLE_FORMAT = "laptop-deploy-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+# the order an app runs them in, which is also the order --sequential loads them
+PART_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+class BundleError(LaptopDeployError):
+    """A bundle folder that cannot be used: no manifest, a part missing, a file whose size or digest differs."""
+
+
+@dataclass
+class BundleManifest:
+    """The parsed bundle ``manifest.json``.
+
+    ``parts``: {part: {"model_file", "precision", "inputs", "outputs", "bytes", "weight_bytes", "note"?}} where
+    inputs/outputs are ``[{"name", "shape", "dtype"}]`` (axis names for dynamic axes). ``tokenizers``:
+    {folder: {"file", "max_length", "pad_id"}}. ``image``: {"vae_scale_factor", "latent_channels",
+    "scaling_factor", "shift_factor", "height", "width", "multiple_of"} in image pixels. ``unet``: {"sdxl",
+    "projection_dim", "force_zeros_for_empty_prompt"}. ``files``: {relative path: {"bytes", "sha256"}}.
+    """
+
+    target: str
+    family: str
+    precision: str
+    parts: dict[str, dict[str, Any]]
+    tokenizers: dict[str, dict[str, Any]]
+    scheduler: dict[str, Any]
+    image: dict[str, Any]
+    unet: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, **self.__dict__}
+
+
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` holds a bundle manifest (cheap: reads only the format tag)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text()).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def file_digest(path: Path, chunk: int = 1 << 24) -> dict[str, Any]:
+    """``{"bytes", "sha256"}`` of one file, read in 16 MiB chunks (same entry as ``manifest.file_entry``)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def describe_tree(folder: Path) -> dict[str, dict[str, Any]]:
+    """:func:`file_digest` of every file under ``folder`` (relative POSIX paths), except the root manifest."""
+    return {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
+
+
+def write_bundle_manifest(folder: Path, manifest: BundleManifest) -> Path:
+    """Write ``folder/manifest.json`` atomically (temporary file, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(manifest.as_dict(), handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / MANIFEST
+
+
+def read_bundle_manifest(folder: Path) -> BundleManifest:
+    """The manifest of the bundle in ``folder`` (format and fields only; :func:`check_bundle` checks files)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: not a bundle folder (no such directory)")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{folder}: no {MANIFEST}; not a bundle written by `laptop-deploy export "
+                          f"--pipeline`") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (BUNDLE_FORMAT, BUNDLE_VERSION):
+        got = (data.get("format"), data.get("version")) if isinstance(data, dict) else type(data).__name__
+        raise BundleError(f"{path}: format {got}, expected ('{BUNDLE_FORMAT}', {BUNDLE_VERSION})")
+    fields = BundleManifest.__dataclass_fields__
+    try:
+        return BundleManifest(**{k: data[k] for k in fields if k in data})
+    except TypeError as exc:
+        raise BundleError(f"{path}: missing field ({exc})") from None
+
+
+def check_bundle(folder: Path, *, skip_digest: bool = False) -> BundleManifest:
+    """The manifest of ``folder`` once every part's model file is listed and every listed file exists with its
+    recorded size and (unless ``skip_digest``) sha256; a part missing or a file modified is a :class:`BundleError`
+    (exit 2) naming the file, before any runtime loads it."""
+    folder = Path(folder)
+    manifest = read_bundle_manifest(folder)
+    for name, part in manifest.parts.items():
+        if part.get("model_file") not in manifest.files:
+            raise BundleError(f"{folder / MANIFEST}: part '{name}' model file {part.get('model_file')!r} is not "
+                              f"among its files")
+    for rel, entry in manifest.files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (listed in {MANIFEST}); the bundle is incomplete")
+        if path.stat().st_size != entry.get("bytes"):
+            raise BundleError(f"{path}: {path.stat().st_size:,} bytes, {MANIFEST} says {entry.get('bytes'):,} "
+                              f"(truncated or modified)")
+        if not skip_digest and file_digest(path)["sha256"] != entry.get("sha256"):
+            raise BundleError(f"{path}: sha256 differs from {MANIFEST} (modified after export); re-export it or "
+                              f"pass --skip-digest to accept it")
+    return manifest
+
+
+def record_bundle_result(folder: Path, key: str, value: dict[str, Any]) -> None:
+    """Store ``value`` under ``results[key]`` in the bundle manifest (atomically)."""
+    manifest = read_bundle_manifest(folder)
+    manifest.results[key] = value
+    write_bundle_manifest(Path(folder), manifest)

@@ -1,0 +1,164 @@
+"""``verify BUNDLE``: every part against its PyTorch module, then the whole loop against the diffusers pipeline.
+
+1. **Parts**: each part's ONNX Runtime session and its PyTorch module (the same wrappers the exporter traced) on
+   seeded inputs (real token ids for text encoders), compared with :func:`.verify.compare` at the part's
+   precision's tolerances.
+2. **End to end**: for each (prompt, seed) case, initial latents are drawn once with numpy
+   (:func:`.generate.initial_latents`) and handed to both :func:`.generate.generate` (torch-free, the app loop) and
+   the diffusers PyTorch pipeline (``latents=``), same scheduler config, steps and guidance; the two images
+   (float, [0, 1]) are compared by PSNR (peak 1). Below ``min_psnr_db`` (fp32 40 dB, fp16 30 dB) is a failure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bundle_format import BundleManifest, check_bundle
+from .generate import GenerateOptions, generate, initial_latents
+
+MIN_PSNR = {"fp32": 40.0, "fp16": 30.0}
+DEFAULT_PROMPTS = ("a red circle at the top left", "a photo of a cat")
+
+
+@dataclass
+class BundleVerifyResult:
+    """``parts``: {part: parity summary}; ``cases``: one dict per end-to-end case with ``psnr_db``."""
+
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    min_psnr_db: float = 40.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        worst = min((c["psnr_db"] for c in self.cases), default=None)
+        return {"passed": self.passed, "parts": self.parts, "cases": self.cases, "worst_psnr_db": worst,
+                "min_psnr_db": self.min_psnr_db, "failures": self.failures}
+
+
+def image_psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR (dB) of two float images in [0, 1] (peak 1), capped at 120 dB for identical images."""
+    mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(image, np.float64)) ** 2))
+    return 120.0 if mse == 0 else min(120.0, 10 * math.log10(1.0 / mse))
+
+
+def reference_pipeline(manifest: BundleManifest, *, model: str | None = None, scheduler: str | None = None):
+    """The diffusers PyTorch pipeline the bundle was exported from (U-Net from ``model`` or the recorded source;
+    other parts from its teacher for a student), with the bundle's scheduler config (or ``scheduler``'s class)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from .bundle import resolve_sources
+
+    sources = resolve_sources(model or manifest.source["spec"], seed=int(manifest.source.get("seed", 0)))
+    pipe = sources.parts.pipeline(sources.unet.unet.eval())
+    classes = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++": DPMSolverMultistepScheduler}
+    if scheduler is not None:
+        pipe.scheduler = classes[scheduler].from_config(manifest.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, sources
+
+
+def verify_parts(folder: Path, manifest: BundleManifest, sources: Any) -> dict[str, dict[str, Any]]:
+    """Parity of every part against its PyTorch module (see the module docstring): {part: parity summary}."""
+    import onnxruntime as ort
+
+    from .verify import Tolerances, compare
+
+    image = manifest.image
+    sizes = {"batch": 2, "height": image["height"] // image["vae_scale_factor"],
+             "width": image["width"] // image["vae_scale_factor"], "image_height": image["height"],
+             "image_width": image["width"]}
+    generator = torch.Generator().manual_seed(0)
+    results: dict[str, dict[str, Any]] = {}
+    for name, part in manifest.parts.items():
+        feeds = _part_feeds(part, sizes, generator)
+        with torch.no_grad():
+            ref = _part_module(name, part, manifest, sources, sizes)(*feeds.values())
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        session = ort.InferenceSession(str(folder / part["model_file"]), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        typed = {i.name: feeds[i.name].numpy().astype(
+            {"tensor(float16)": np.float16, "tensor(int32)": np.int32}.get(i.type, np.float32))
+            for i in session.get_inputs()}
+        out = dict(zip(names, (np.asarray(v, np.float32) for v in session.run(None, typed))))
+        report = compare({n: r.float().numpy() for n, r in zip(names, ref)}, out,
+                         tolerances=Tolerances.for_precision(part["precision"]), case=name)
+        results[name] = report.summary()
+        del session
+    return results
+
+
+def _part_feeds(part: dict[str, Any], sizes: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded fp32 inputs of one part in its input order (token ids in [0, 400), timesteps 999 and 1)."""
+    feeds: dict[str, torch.Tensor] = {}
+    for tensor in part["inputs"]:
+        shape = [sizes[d] if isinstance(d, str) else d for d in tensor["shape"]]
+        if tensor["name"] == "input_ids":
+            value = torch.randint(0, 400, shape, generator=generator, dtype=torch.int32)
+        elif tensor["name"] == "timestep":
+            value = torch.tensor([999.0, 1.0])
+        elif tensor["name"] == "time_ids":
+            h, w = sizes["image_height"], sizes["image_width"]
+            value = torch.tensor([[h, w, 0, 0, h, w]] * 2, dtype=torch.float32)
+        else:
+            value = torch.randn(shape, generator=generator)
+        feeds[tensor["name"]] = value
+    return feeds
+
+
+def _part_module(name: str, part: dict[str, Any], manifest: BundleManifest, sources: Any,
+                 sizes: dict[str, int]) -> torch.nn.Module:
+    """The PyTorch module a part was traced from (the exporter's own wrappers)."""
+    from .bundle import _vae_wrapper
+    from .bundle_parts import text_encoder_wrapper
+    from .spec import ExportSpec, wrap_unet
+
+    if name.startswith("text_encoder"):
+        return text_encoder_wrapper(sources.parts.part(name).eval(), hidden_states=manifest.unet["sdxl"])
+    if name.startswith("vae"):
+        return _vae_wrapper(name, sources.parts.part("vae"))
+    spec = ExportSpec.from_dict({"inputs": part["inputs"], "outputs": part["outputs"], "batch": 2,
+                                 "height": sizes["height"], "width": sizes["width"], "dynamic": True,
+                                 "precision": part["precision"], "downsample": 1})
+    return wrap_unet(sources.unet.unet.eval(), spec)
+
+
+def verify_bundle(folder: Path, *, model: str | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+                  seeds: tuple[int, ...] = (0,), steps: int = 10, guidance: float = 4.0,
+                  scheduler: str | None = None, min_psnr_db: float | None = None,
+                  skip_digest: bool = False) -> BundleVerifyResult:
+    """Parts, then end to end (see the module docstring)."""
+    manifest = check_bundle(folder, skip_digest=skip_digest)
+    pipe, sources = reference_pipeline(manifest, model=model, scheduler=scheduler)
+    result = BundleVerifyResult(min_psnr_db=min_psnr_db if min_psnr_db is not None else
+                                MIN_PSNR.get(manifest.precision, 40.0))
+    result.parts = verify_parts(Path(folder), manifest, sources)
+    result.failures += [f"{name}: {f}" for name, s in result.parts.items() for f in s["failures"]]
+    image = manifest.image
+    height, width = image["height"], image["width"]
+    shape = (1, image["latent_channels"], height // image["vae_scale_factor"], width // image["vae_scale_factor"])
+    for prompt in prompts:
+        for seed in seeds:
+            latents = initial_latents(seed, shape)
+            options = GenerateOptions(prompt=prompt, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,
+                                      progress=False)
+            ours = generate(folder, options, latents=latents, manifest=manifest).image
+            with torch.no_grad():
+                ref = pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                           latents=torch.from_numpy(latents), output_type="np").images[0]
+            psnr = image_psnr(ref, ours)
+            result.cases.append({"prompt": prompt, "seed": seed, "psnr_db": round(psnr, 2),
+                                 "max_abs": float(np.abs(ref - ours).max())})
+            if not psnr >= result.min_psnr_db:
+                result.failures.append(f"end to end '{prompt}' seed {seed}: PSNR {psnr:.2f} dB < "
+                                       f"{result.min_psnr_db:g} dB")
+    return result

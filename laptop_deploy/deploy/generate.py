@@ -1,0 +1,267 @@
+"""The reference app loop: text → image from a bundle, with onnxruntime, numpy, ``tokenizers`` and Pillow only.
+
+What an app embeds, in the order it runs (``--sequential`` loads each part just before it runs and frees it after,
+as 4–6 GB phones need; otherwise every part is loaded first)::
+
+    tokenizer(s)   prompt → input_ids int32 [1, 77] (truncated, padded with the tokenizer's pad id)
+    text encoder   SD-1.x/2.x: last_hidden_state; SDXL: penultimate hidden states of both encoders, concatenated,
+                   plus text_embeds (pooled, encoder 2) and time_ids [H, W, 0, 0, H, W]
+    U-Net × steps  classifier-free guidance: batch [uncond, cond], ε = ε_u + g·(ε_c − ε_u)
+    scheduler      numpy (:mod:`.schedulers`) from scheduler/scheduler_config.json
+    VAE decoder    latents / scaling_factor → image in [-1, 1] → uint8 RGB
+
+Initial latents are ``numpy.random.default_rng(seed).standard_normal([1, C, h, w], float32)`` times the
+scheduler's ``init_noise_sigma`` — the same draw ``verify`` hands to the PyTorch pipeline. This module must never
+import torch or diffusers (a test runs it in a subprocess and checks ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle_format import BundleError, BundleManifest, check_bundle
+from .schedulers import make_scheduler
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+           "tensor(int64)": np.int64}
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """One image: ``height``/``width`` in image pixels (default: the bundle's), ``guidance`` ≤ 1 disables CFG."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int = 20
+    guidance: float = 7.5
+    seed: int = 0
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    sequential: bool = False
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class GenerateResult:
+    """``image``: float32 [H, W, 3] in [0, 1]; ``latency_ms``: total ms per part (load and run separately);
+    ``peak_rss_mb``: the process's peak resident memory; ``rss_mb``: resident memory after each stage."""
+
+    image: np.ndarray
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def uint8(self) -> np.ndarray:
+        """The image as uint8 [H, W, 3], rounded as diffusers' ``numpy_to_pil``."""
+        return (self.image * 255).round().astype(np.uint8)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.settings, "latency_ms": {k: round(v, 2) for k, v in self.latency_ms.items()},
+                "calls": self.calls, "rss_mb": self.rss_mb, "peak_rss_mb": round(self.peak_rss_mb, 1)}
+
+
+def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """N(0, 1) float32 latents of ``shape`` from numpy's PCG64 (the draw both ``generate`` and ``verify`` use)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (MB), from /proc on Linux; the peak elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * resource.getpagesize() / 1e6
+    except (OSError, IndexError, ValueError):
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e6
+
+
+class Bundle:
+    """A checked bundle and its parts as ONNX Runtime sessions, loaded on demand (``load``) and freed (``free``);
+    ``run`` times every call into ``latency_ms``."""
+
+    def __init__(self, folder: Path, manifest: BundleManifest, options: GenerateOptions) -> None:
+        self.folder, self.manifest, self.options = Path(folder), manifest, options
+        self.sessions: dict[str, Any] = {}
+        self.latency_ms: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def _add(self, key: str, start: float) -> None:
+        self.latency_ms[key] = self.latency_ms.get(key, 0.0) + (time.perf_counter() - start) * 1e3
+        self.calls[key] = self.calls.get(key, 0) + 1
+
+    def load(self, part: str) -> None:
+        import onnxruntime as ort
+
+        if part in self.sessions:
+            return
+        if part not in self.manifest.parts:
+            raise BundleError(f"{self.folder}: the bundle has no part '{part}' (it has "
+                              f"{', '.join(self.manifest.parts)})")
+        start = time.perf_counter()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.options.threads:
+            opts.intra_op_num_threads = self.options.threads
+        path = self.folder / self.manifest.parts[part]["model_file"]
+        self.sessions[part] = ort.InferenceSession(str(path), opts, providers=list(self.options.providers))
+        self._add(f"{part}.load", start)
+
+    def free(self, part: str) -> None:
+        self.sessions.pop(part, None)
+        gc.collect()
+
+    def run(self, part: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name (float32), feeds cast to the session's input dtypes (an fp16 part takes float16)."""
+        self.load(part)
+        session = self.sessions[part]
+        typed = {i.name: np.ascontiguousarray(feeds[i.name], dtype=_DTYPES.get(i.type, np.float32))
+                 for i in session.get_inputs()}
+        start = time.perf_counter()
+        values = session.run(None, typed)
+        self._add(part, start)
+        return {o.name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
+                for o, v in zip(session.get_outputs(), values)}
+
+
+class PromptTokenizer:
+    """``tokenizer.json`` through the ``tokenizers`` library, truncated and padded to the encoder's length."""
+
+    def __init__(self, folder: Path, info: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / info["file"]))
+        self.tokenizer.enable_truncation(max_length=info["max_length"])
+        self.tokenizer.enable_padding(length=info["max_length"], pad_id=info["pad_id"], pad_token=info["pad_token"])
+
+    def __call__(self, text: str) -> np.ndarray:
+        return np.asarray([self.tokenizer.encode(text).ids], dtype=np.int32)
+
+
+def check_size(manifest: BundleManifest, height: int | None, width: int | None) -> tuple[int, int]:
+    """Image height and width (pixels) the U-Net accepts: multiples of ``image.multiple_of``; else exit 2."""
+    image = manifest.image
+    height, width = height or image["height"], width or image["width"]
+    step = image["multiple_of"]
+    for label, size in (("height", height), ("width", width)):
+        if size <= 0 or size % step:
+            low = max(step, size // step * step)
+            raise BundleError(f"--{label} {size}: this bundle's U-Net takes image sizes that are multiples of "
+                              f"{step} (e.g. {low} or {low + step})")
+    return height, width
+
+
+def encode_prompts(bundle: Bundle, options: GenerateOptions, height: int, width: int) -> dict[str, np.ndarray]:
+    """The U-Net's conditioning feeds for [uncond, cond] (or [cond] without guidance): encoder_hidden_states,
+    and for SDXL text_embeds and time_ids."""
+    manifest, folder = bundle.manifest, bundle.folder
+    cfg = options.guidance > 1.0
+    sdxl = manifest.unet.get("sdxl", False)
+    encoders = [("text_encoder", "tokenizer")] + ([("text_encoder_2", "tokenizer_2")] if sdxl else [])
+    zero_negative = sdxl and options.negative_prompt is None and manifest.unet.get("force_zeros_for_empty_prompt")
+    texts = ([options.negative_prompt or ""] if cfg else []) + [options.prompt]
+    hidden: list[list[np.ndarray]] = [[] for _ in texts]
+    pooled: list[np.ndarray] = [np.zeros(0)] * len(texts)
+    for encoder, tok_name in encoders:
+        tokenizer = PromptTokenizer(folder, manifest.tokenizers[tok_name])
+        for row, text in enumerate(texts):
+            out = bundle.run(encoder, {"input_ids": tokenizer(text)})
+            if sdxl:
+                states = sorted((k for k in out if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
+                hidden[row].append(out[states[-2]])
+                pooled[row] = out.get("text_embeds", pooled[row])
+            else:
+                hidden[row].append(out["last_hidden_state"])
+        if options.sequential:
+            bundle.free(encoder)
+    embeds = [np.concatenate(h, axis=-1) for h in hidden]
+    if zero_negative and cfg:
+        embeds[0], pooled[0] = np.zeros_like(embeds[0]), np.zeros_like(pooled[1])
+    feeds = {"encoder_hidden_states": np.concatenate(embeds, axis=0).astype(np.float32)}
+    if sdxl:
+        feeds["text_embeds"] = np.concatenate(pooled, axis=0).astype(np.float32)
+        feeds["time_ids"] = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (len(texts), 1))
+    return feeds
+
+
+def generate(folder: Path, options: GenerateOptions, *, latents: np.ndarray | None = None,
+             manifest: BundleManifest | None = None, skip_digest: bool = False) -> GenerateResult:
+    """Draw one image from the bundle in ``folder``. ``latents``: N(0, 1) initial latents [1, C, h, w] to use
+    instead of :func:`initial_latents` (``verify`` passes the ones it hands to PyTorch)."""
+    manifest = manifest or check_bundle(folder, skip_digest=skip_digest)
+    scheduler = make_scheduler(options.scheduler, manifest.scheduler)
+    height, width = check_size(manifest, options.height, options.width)
+    if options.steps < 1:
+        raise BundleError(f"--steps {options.steps}: need at least 1")
+    image = manifest.image
+    shape = (1, image["latent_channels"], height // image["vae_scale_factor"], width // image["vae_scale_factor"])
+    if latents is None:
+        latents = initial_latents(options.seed, shape)
+    bundle = Bundle(folder, manifest, options)
+    if not options.sequential:
+        for part in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+            if part in manifest.parts:
+                bundle.load(part)
+    rss: dict[str, float] = {"loaded": round(current_rss_mb(), 1)}
+    cond = encode_prompts(bundle, options, height, width)
+    rss["text_encoder"] = round(current_rss_mb(), 1)
+    scheduler.set_timesteps(options.steps)
+    x = (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+    cfg = options.guidance > 1.0
+    steps = _progress(range(len(scheduler.timesteps)), options.progress)
+    for index in steps:
+        model_in = scheduler.scale_model_input(np.concatenate([x, x]) if cfg else x, index)
+        batch = model_in.shape[0]
+        feeds = {"sample": model_in, "timestep": np.full(batch, scheduler.timesteps[index], np.float32), **cond}
+        out = bundle.run("unet", feeds)["out_sample"].astype(np.float32)
+        if cfg:
+            uncond, text = out[:1], out[1:]
+            out = uncond + np.float32(options.guidance) * (text - uncond)
+        x = scheduler.step(out, index, x)
+    rss["unet"] = round(current_rss_mb(), 1)
+    if options.sequential:
+        bundle.free("unet")
+    shift = image.get("shift_factor") or 0.0
+    decoded = bundle.run("vae_decoder", {"latent_sample": x / np.float32(image["scaling_factor"]) + np.float32(shift)})
+    rss["vae_decoder"] = round(current_rss_mb(), 1)
+    picture = np.clip(decoded["sample"][0].astype(np.float32) / 2 + 0.5, 0, 1).transpose(1, 2, 0)
+    settings = {"prompt": options.prompt, "negative_prompt": options.negative_prompt, "steps": options.steps,
+                "guidance": options.guidance, "seed": options.seed, "height": height, "width": width,
+                "scheduler": options.scheduler or manifest.scheduler.get("_class_name"),
+                "sequential": options.sequential, "target": manifest.target, "precision": manifest.precision}
+    return GenerateResult(image=picture, latency_ms=bundle.latency_ms, calls=bundle.calls, rss_mb=rss,
+                          peak_rss_mb=peak_rss_mb(), settings=settings)
+
+
+def _progress(items: range, show: bool):
+    """tqdm on stderr, one tick per denoising step (tqdm is pure Python: no torch)."""
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="denoising", unit="step", file=sys.stderr, leave=False)
+
+
+def save_png(result: GenerateResult, path: Path) -> Path:
+    """Write the image as PNG (Pillow)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result.uint8()).save(path, format="PNG")
+    return path
