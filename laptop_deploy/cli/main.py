@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt files for --vs-torch")
     _digest_arg(bench)
     _common(bench)
+
+    compress = verbs.add_parser("compress", help="teacher -> pruned, distilled, exported, verified, benchmarked "
+                                                 "student + report, in one resumable run folder")
+    compress.set_defaults(handler="laptop_deploy.cli.compress_command:compress")
+    importlib.import_module("laptop_deploy.cli.compress_command").add_arguments(compress)
+    _common(compress)
     return parser
 
 
