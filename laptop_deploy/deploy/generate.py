@@ -119,6 +119,8 @@ class Bundle:
         opts.log_severity_level = 3
         if self.options.threads:
             opts.intra_op_num_threads = self.options.threads
+        if self.options.sequential:  # the arena would keep a freed part's activations: low peak over speed
+            opts.enable_cpu_mem_arena = False
         path = self.folder / self.manifest.parts[part]["model_file"]
         self.sessions[part] = ort.InferenceSession(str(path), opts, providers=list(self.options.providers))
         self._add(f"{part}.load", start)
