@@ -1,11 +1,12 @@
-"""Runtime benchmark: the full-size SD-1.5 U-Net (random weights) and a 50%-pruned student, each in eager PyTorch
-and in ONNX Runtime (CPU), batch 1, 64x64 latent — one run, so the ratios compare like with like.
+"""Runtime benchmark: the full-size SD-1.5 U-Net (random weights) and what pruning it really gives — LAPTOP-Diff's
+own students (``--cost params`` and ``--cost macs`` at ratio 0.5) and BK-SDM-Small — in eager PyTorch and ONNX
+Runtime (CPU, fp32, batch 1, 64×64 latent), all interleaved in one run (≥ 3 rounds, median and min–max, load
+average recorded, a warning when the machine was busy).
 
-The student is the teacher minus BK-SDM-Small's removal set plus ``up_blocks.0.resnets.2`` (see STUDENT_EXTRA):
-49.6% of the parameters removed, made with ``laptop_deploy.models.layers.apply_removal``. Achieved GFLOP/s (2 x MACs
-per call / median latency) is set against this machine's fp32 matmul rate measured in the same run (the roof).
+The students come from ``sd15_students`` (output-loss scores computed once and cached, shared with
+``bench_latency.py``, which runs this same measurement as part of its run and writes these result files too)::
 
-    python benchmarks/bench_runtimes.py [--iterations 10] [--warmup 2] [--model random:sd15]
+    flock /tmp/ld-heavy.lock python benchmarks/bench_runtimes.py [--repeats 3] [--threads 1]
 
 writes benchmarks/results/bench_runtimes.json and bench_runtimes.md (a table and the exact command).
 """
@@ -14,132 +15,110 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from laptop_deploy.deploy.bench import bench_runner, environment, format_table, matmul_gflops
-from laptop_deploy.exporters.onnx import OnnxOptions, export
-from laptop_deploy.prune.handcrafted import handcrafted_removal
-from laptop_deploy.models.inventory import count_macs
-from laptop_deploy.models.layers import apply_removal
-from laptop_deploy.runtimes.ort import OrtRunner
-from laptop_deploy.runtimes.pytorch import TorchRunner
-from laptop_deploy.models.sources import resolve_model
-from laptop_deploy.deploy.spec import build_spec
+from sd15_students import (RESULTS, busy_warning, export_variants, load_average, load_or_score, ort_factories,
+                           removal_sets, say, torch_runner)
 
-RESULTS = Path(__file__).parent / "results"
-STUDENT_EXTRA = ["up_blocks.0.resnets.2"]  # BK-SDM-Small (44%) + one 49M-param low-resolution ResNet -> 49.6%
+VARIANTS = ["teacher", "params@0.5", "macs@0.5", "bk-sdm-small"]
 
 
-def _measure(label: str, unet, spec, folder: Path, *, iterations: int, warmup: int, threads: int | None):
-    """Export ``unet`` to ``folder`` and time it in PyTorch and ONNX Runtime (one runner loaded at a time)."""
-    folder.mkdir(parents=True)
-    start = time.perf_counter()
-    manifest = export(unet, spec, folder, source={"spec": label}, options=OnnxOptions())
-    export_s = time.perf_counter() - start
-    feeds = spec.example_feeds(seed=0)
-    results = [bench_runner(TorchRunner(unet, spec=spec), feeds, warmup=warmup, iterations=iterations,
-                            name=f"{label} / torch eager"),
-               bench_runner(OrtRunner(folder / manifest.model_file, spec=spec, intra_op_threads=threads), feeds,
-                            warmup=warmup, iterations=iterations, name=f"{label} / onnxruntime cpu")]
-    shutil.rmtree(folder)
-    # (The export's peak RSS is measured by `laptop-deploy export` in a fresh process, not here: this process
-    # already holds the previous runners' peaks.)
-    size = sum(f["bytes"] for f in manifest.files.values())
-    return results, {"export_s": round(export_s, 1), "onnx_bytes": size}
+def write_results(run: dict, sets: dict[str, list[str]], sizes: dict[str, dict[str, int]],
+                  torch_times: dict[str, dict], ort_times: dict[str, dict], out: Path) -> None:
+    """bench_runtimes.{json,md} from one interleaved run (``run`` carries command, model, load, environment)."""
+    rows = []
+    for name in VARIANTS:
+        for runtime, times in (("torch eager", torch_times), ("onnxruntime cpu", ort_times)):
+            base = times["teacher"]["median_ms"]
+            rows.append({"variant": name, "runtime": runtime, **times[name],
+                         "ratio_vs_teacher": round(times[name]["median_ms"] / base, 4),
+                         "ratio_min_max": [round(times[name]["min_ms"] / base, 4),
+                                           round(times[name]["max_ms"] / base, 4)],
+                         "params": sizes[name]["params"], "macs": sizes[name]["macs"], "removed": sets[name]})
+    data = {k: run[k] for k in ("command", "model", "latent", "batch", "threads", "load_average", "environment",
+                                "warning")}
+    data["score"] = run["score"]
+    data["rows"] = rows
+    data["ort_vs_torch"] = {name: round(ort_times[name]["median_ms"] / torch_times[name]["median_ms"], 4)
+                            for name in VARIANTS}
+    (out / "bench_runtimes.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "bench_runtimes.md").write_text(_markdown(data))
+
+
+def _markdown(data: dict) -> str:
+    env = data["environment"]
+    lines = ["# Runtime benchmark: SD-1.5 U-Net teacher vs LAPTOP-Diff's students and BK-SDM-Small, PyTorch eager "
+             "vs ONNX Runtime CPU", "", f"Command: `{data['command']}`", ""]
+    if data.get("warning"):
+        lines += [f"**{data['warning']}**", ""]
+    lines += [f"Machine: {env['cpu']}, {env['logical_cores']} logical cores, {data['threads']} thread(s) per "
+              f"runtime; load average before / after {data['load_average']['before']} / "
+              f"{data['load_average']['after']}; versions {json.dumps(env['versions'])}", "",
+              f"Model `{data['model']}` batch {data['batch']}, latent {data['latent'][0]}x{data['latent'][1]}. "
+              f"Students: the exact knapsack on output-loss scores (computed once: {data['score']['key']}) with "
+              f"`--cost params` / `--cost macs` at ratio 0.5, and BK-SDM-Small's handcrafted set. Every runner is "
+              f"loaded, warmed up once and timed once per round; the rounds interleave all variants.", "",
+              "| variant | runtime | params | GMACs | median ms | min–max ms | × teacher (min–max) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lo, hi = r["ratio_min_max"]
+        lines.append(f"| {r['variant']} | {r['runtime']} | {r['params']:,} | {r['macs'] / 1e9:.1f} | "
+                     f"{r['median_ms']:.0f} | {r['min_ms']:.0f}–{r['max_ms']:.0f} | {r['ratio_vs_teacher']:.3f} "
+                     f"({lo:.3f}–{hi:.3f}) |")
+    lines += ["", "| variant | ORT / torch (median) |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in data["ort_vs_torch"].items()]
+    lines += ["", "Removed units per variant: `bench_runtimes.json` (`rows[].removed`).", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:sd15")
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--calib", type=int, default=2)
+    parser.add_argument("--score-latent", type=int, nargs=2, default=(32, 32))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    command = "python benchmarks/bench_runtimes.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    load_before = os.getloadavg()
-    roofs = [matmul_gflops(n=4096, repeats=4)]  # measured again at the end; the roof is the better of the two
+    command = "flock /tmp/ld-heavy.lock python benchmarks/bench_runtimes.py " + \
+        " ".join(argv if argv is not None else sys.argv[1:])
+    import torch
+
+    from laptop_deploy.deploy.bench import environment
+    from laptop_deploy.deploy.profile import measure_interleaved
+    from laptop_deploy.deploy.spec import build_spec
+    from laptop_deploy.models.sources import resolve_model
+    from bench_latency import _sizes
+
+    torch.set_num_threads(args.threads)
+    before = load_average()
     source = resolve_model(args.model)
-    spec = build_spec(source.unet.config, batch=1)
-    teacher_params = sum(p.numel() for p in source.unet.parameters())
-    macs = {"teacher": count_macs(source.unet, height=spec.height, width=spec.width)[""]}
+    unet = source.unet
+    spec = build_spec(unet.config, batch=1)
+    scored = load_or_score(source, model=args.model, seed=0, calib=args.calib, latent=tuple(args.score_latent))
+    sets = removal_sets(unet, scored["scores"], table=None, latent=(spec.height, spec.width), variants=VARIANTS)
     work = Path(tempfile.mkdtemp(prefix="bench_runtimes."))
     try:
-        results, exports = _measure("teacher", source.unet, spec, work / "teacher", iterations=args.iterations,
-                                    warmup=args.warmup, threads=args.threads)
-        removed = handcrafted_removal("bk-sdm-small", source.unet.config) + STUDENT_EXTRA
-        apply_removal(source.unet, removed)  # in place: the teacher's weights for these layers are freed
-        student_params = sum(p.numel() for p in source.unet.parameters())
-        macs["student"] = count_macs(source.unet, height=spec.height, width=spec.width)[""]
-        student_results, student_exports = _measure("student", source.unet, spec, work / "student",
-                                                    iterations=args.iterations, warmup=args.warmup,
-                                                    threads=args.threads)
+        exports = export_variants(unet, spec, sets, work)
+        feeds = spec.example_feeds(seed=0)
+        say("timing in onnxruntime and torch, interleaved")
+        ort_times = measure_interleaved(ort_factories({k: v["path"] for k, v in exports.items()}, spec,
+                                                      args.threads), feeds, repeats=args.repeats, progress=say)
+        torch_times = measure_interleaved({k: (lambda r=sets[k]: torch_runner(unet, spec, r)) for k in VARIANTS},
+                                          feeds, repeats=args.repeats, progress=say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results += student_results
-    roofs.append(matmul_gflops(n=4096, repeats=4))
-    roof = max(roofs)
-    p50 = {r.name: r.p50_ms for r in results}
-    ratios = {
-        "student_vs_teacher_torch": p50["student / torch eager"] / p50["teacher / torch eager"],
-        "student_vs_teacher_ort": p50["student / onnxruntime cpu"] / p50["teacher / onnxruntime cpu"],
-        "ort_vs_torch_teacher": p50["teacher / onnxruntime cpu"] / p50["teacher / torch eager"],
-        "ort_vs_torch_student": p50["student / onnxruntime cpu"] / p50["student / torch eager"],
-    }
-    row_macs = {r.name: macs[r.name.split(" / ")[0]] for r in results}
-    achieved = {r.name: 2 * row_macs[r.name] / (r.p50_ms / 1e3) / 1e9 for r in results}
-    data = {
-        "command": command, "model": args.model, "batch": 1, "latent": [spec.height, spec.width],
-        "teacher_params": teacher_params, "student_params": student_params,
-        "ratio_removed": round(1 - student_params / teacher_params, 4), "removed": removed,
-        "macs": macs, "matmul_gflops": round(roof, 1),
-        "matmul_gflops_start_end": [round(r, 1) for r in roofs],
-        "achieved_gflops": {k: round(v, 1) for k, v in achieved.items()},
-        "fraction_of_roof": {k: round(v / roof, 3) for k, v in achieved.items()},
-        "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "exports": {"teacher": exports, "student": student_exports},
-        "results": [r.as_dict() for r in results], "environment": environment(),
-        "load_average": {"before": [round(x, 2) for x in load_before],
-                         "after": [round(x, 2) for x in os.getloadavg()]},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_runtimes.json").write_text(json.dumps(data, indent=2) + "\n")
-    table = format_table(results, macs=row_macs)
-    (args.out / "bench_runtimes.md").write_text(_markdown(data, table))
-    print(table)
-    print(json.dumps({"ratios": data["ratios"], "matmul_gflops": data["matmul_gflops"]}, indent=2))
+    after = load_average()
+    env = environment()
+    run = {"command": command, "model": args.model, "latent": [spec.height, spec.width], "batch": 1,
+           "threads": args.threads, "load_average": {"before": before, "after": after}, "environment": env,
+           "warning": busy_warning(before, after, env["logical_cores"]),
+           "score": {k: scored[k] for k in ("key", "seconds", "forward_passes")}}
+    write_results(run, sets, _sizes(unet, sets, (spec.height, spec.width)), torch_times, ort_times, RESULTS)
+    print((RESULTS / "bench_runtimes.md").read_text())
     return 0
-
-
-def _markdown(data: dict, table: str) -> str:
-    env = data["environment"]
-    lines = [
-        "# Runtime benchmark: SD-1.5 U-Net teacher vs 50%-pruned student, PyTorch eager vs ONNX Runtime CPU", "",
-        f"Command: `{data['command']}`", "",
-        f"Machine: {env['cpu']}, {env['logical_cores']} logical cores, torch threads {env['torch_threads']}; "
-        f"load average before/after {data['load_average']['before'][0]} / {data['load_average']['after'][0]}; "
-        f"versions {json.dumps(env['versions'])}", "",
-        f"Model `{data['model']}` batch 1, latent {data['latent'][0]}x{data['latent'][1]}; student: "
-        f"{data['student_params']:,} of {data['teacher_params']:,} params ({data['ratio_removed']:.1%} removed), "
-        f"{data['macs']['student'] / 1e9:.1f} of {data['macs']['teacher'] / 1e9:.1f} GMACs; removed "
-        f"{', '.join(data['removed'])}.", "",
-        "```", table, "```", "",
-        "`load s`: ONNX Runtime session creation (graph optimisation included) from the file; 0 for eager PyTorch, "
-        "whose module is already in memory. `peak RSS` is process-wide while the runner is loaded (the PyTorch "
-        "model stays resident during the ONNX Runtime rows). GFLOP/s = 2 x MACs / p50.", "",
-        f"Measured fp32 matmul rate (4096x4096 torch.mm, best of 4, before and after the runs: "
-        f"{data['matmul_gflops_start_end']}): **{data['matmul_gflops']} GFLOP/s** (the roof).", "",
-        "| ratio (median latency) | value |", "|---|---:|",
-        *[f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in data["ratios"].items()], "",
-        "| runner | achieved GFLOP/s | fraction of roof |", "|---|---:|---:|",
-        *[f"| {k} | {v} | {data['fraction_of_roof'][k]:.1%} |" for k, v in data["achieved_gflops"].items()], "",
-    ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
