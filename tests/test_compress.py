@@ -132,7 +132,7 @@ def test_flags_override_the_config_file_and_paths_are_relative_to_it(tmp_path):
     (["--distill-steps", "2"], "needs --data DIR or --prompts FILE"),
     (["--latent-size", "15", "16"], "not a positive multiple"),
     (["--config", "{tmp}/bad.toml"], "unknown key 'modle'"),
-    (["--budget", "latency=0.3", "--runtime", "trt"], "trt"),
+    (["--budget", "latency=0.3", "--runtime", "torch"], "runs no exported artifact"),
     (["--pipeline"], "--pipeline needs"),
 ])
 def test_recipe_errors_exit_2_with_nothing_written(tmp_path, capsys, extra, message):
@@ -147,6 +147,16 @@ def test_recipe_errors_exit_2_with_nothing_written(tmp_path, capsys, extra, mess
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("laptop-deploy:")]
     assert len(errors) == 1 and message in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not out.exists()
+
+
+def test_latency_budget_is_refused_by_name_until_latency_pruning_exists(tmp_path, capsys):
+    from laptop_deploy.compress.recipe import latency_support
+
+    if latency_support() is None:
+        pytest.skip("latency budgets are supported in this build (the profile stage runs instead)")
+    out = tmp_path / "run"
+    assert main(["compress", "--model", "random:tiny-sd15", "--budget", "latency=0.3", "--out", str(out)]) == 2
+    assert "issue 15" in capsys.readouterr().err and not out.exists()
 
 
 def test_run_folder_of_someone_else_is_refused(tmp_path, capsys):

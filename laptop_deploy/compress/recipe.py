@@ -307,6 +307,8 @@ def validate(r: Recipe) -> Checked:
     check_run_folder(r.out)
     options = _export_options(r)
     runtime = r.resolved_runtime()
+    if runtime == "torch":
+        raise LaptopDeployError("--runtime torch runs no exported artifact; give the artifact's runtime (e.g. ort)")
     runner_class(runtime)
     _check_missing_features(r)
     _check_options(r)
