@@ -82,6 +82,7 @@ def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     plan = plan_pruning(source, options, progress=_progress_bar("scoring"))
     measure_after_pruning(plan, source.unet, skip=args.no_measure)  # the prediction checked on the student
     result = plan.as_dict()
+    _warn_assumed_schedule(result["notes"])
     # Everything that could still fail (formatting included) happens before the folder is written.
     summary, text = _prune_summary(result, out=args.out)
     files = {"pruning_plan.json": json.dumps(result, indent=2) + "\n", "pruning_report.md": plan_markdown(result)}
@@ -92,6 +93,16 @@ def prune(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return summary, text
 
 
+def _warn_assumed_schedule(notes: list[str]) -> None:
+    """An assumption that changes the result is said on stderr too (stdout may be --json)."""
+    import sys
+
+    from ..prune.calibration import NO_SCHEDULER
+
+    if NO_SCHEDULER in notes:
+        print(f"laptop-deploy: warning: {NO_SCHEDULER}", file=sys.stderr)
+
+
 def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any], str]:
     from ..prune.report import format_value
 
@@ -100,7 +111,8 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
         "macs_ratio_achieved", "removed", "joint_output_loss", "forward_passes", "scoring_seconds", "notes")}}
     additivity = result["additivity"]
     summary["additivity"] = None if additivity is None else {k: additivity[k] for k in (
-        "pearson", "spearman", "chosen_joint_over_sum", "mean_joint_over_sum")}
+        "pearson", "spearman", "chosen_joint_over_sum", "mean_joint_over_sum", "chosen_additive",
+        "chosen_verdict")}
     text = (f"removed {len(result['removed'])} layers: {result['params_before']:,} -> {result['params_after']:,} "
             f"params ({result['params_ratio_achieved']:.2%}), {result['macs_ratio_achieved']:.2%} of MACs; output "
             f"loss {format_value(result['joint_output_loss'])}")
@@ -112,6 +124,16 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
         from ..prune.latency_cost import latency_text
 
         text += "\n" + latency_text(result["latency"])
+    refinement, stability = result.get("refinement"), result.get("stability")
+    if refinement:  # --refine: what the rounds bought, at what cost in passes
+        summary["refinement"] = {k: refinement[k] for k in ("one_shot_joint", "final_joint", "one_shot_passes",
+                                                            "total_passes", "stopped")}
+        text += (f"\nrefined ({len(refinement['rounds'])} round(s), {refinement['stopped']}): joint loss "
+                 f"{refinement['one_shot_joint']:.4g} -> {refinement['final_joint']:.4g}, passes "
+                 f"{refinement['one_shot_passes']} -> {refinement['total_passes']}")
+    if stability:  # --calib-seeds: the note below says when the choice is unstable
+        summary["stability"] = {k: stability[k] for k in ("seeds", "distinct_sets", "unstable", "in_doubt",
+                                                          "joint_own", "joint_final")}
     text += "".join(f"\nnote: {note}" for note in result["notes"])
     text += f"\nstudent, pruning_plan.json and pruning_report.md written to {out}"
     return summary, text
@@ -120,7 +142,7 @@ def _prune_summary(result: dict[str, Any], *, out: Path) -> tuple[dict[str, Any]
 def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from ..prune.calibration import read_prompts
     from ..distill.options import DistillOptions
-    from ..distill.train import distill, prepare_run
+    from ..distill.train import check_student, distill, prepare_run
     from ..distill.state import prepare_run_folder, start_run_folder
     from ..distill.data import image_data, prompt_data
     from ..models.sources import resolve_model
@@ -151,6 +173,12 @@ def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     config = teacher.unet.config
     latent_size = tuple(args.latent_size) if args.latent_size else (config.sample_size, config.sample_size)
     check_latent_size(config, *latent_size)
+    # The student must fit the teacher before any data is encoded or cached (prepare_run checks again, cheaply).
+    check_student(teacher.unet, student.unet, student_name=student.spec, teacher_name=teacher.spec)
+    if "scheduler" not in teacher.available_parts():
+        from ..prune.calibration import NO_SCHEDULER
+
+        _warn_assumed_schedule([NO_SCHEDULER])
     if prompts is not None:
         data = prompt_data(teacher, prompts, latent_size=latent_size)
     else:
@@ -162,6 +190,12 @@ def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     summary = distill(run, resume=args.resume)
     if not run.env.main:
         return None, ""  # under torchrun / accelerate launch only rank 0 reports
+    if summary.get("stopped"):  # a check that failed after the run folder was legitimately written: exit 1
+        import sys
+
+        print(f"laptop-deploy: error: {summary['stopped']['message']}", file=sys.stderr)
+        return {**summary, "exit_code": 1}, (f"stopped: {summary['stopped']['message']}\n"
+                                              f"distill_summary.json and distill_log.jsonl written to {args.out}")
     return summary, _distill_text(summary)
 
 

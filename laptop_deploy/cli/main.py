@@ -10,12 +10,12 @@ import argparse
 import importlib
 import json
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import LaptopDeployError
+from .noise import library_noise
 
 PROG = "laptop-deploy"
 
@@ -30,6 +30,8 @@ class _Parser(argparse.ArgumentParser):
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a machine-readable result on stdout only")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--quiet", action="store_true", help="mute every library warning (laptop-deploy's own "
+                                                             "lines and errors stay)")
 
 
 def _digest_arg(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +58,25 @@ def _coreml_args(group: Any) -> None:  # an argparse argument group
     group.add_argument("--quantize", type=int, metavar="BITS", help="linear weight quantization: 8, or 4 (iOS18+)")
     group.add_argument("--coreml-sizes", metavar="HxW,...",
                        help="further latent sizes the package accepts (EnumeratedShapes), e.g. 64x64,96x64")
+
+
+def _executorch_args(group: Any) -> None:  # an argparse argument group; defaults live in exporters/executorch.py
+    group.add_argument("--et-max-batch", type=int, metavar="N",
+                       help="--dynamic: largest batch the .pte accepts (default max(2, 2 x --batch))")
+    group.add_argument("--et-max-latent", type=int, nargs=2, metavar=("H", "W"),
+                       help="--dynamic: largest latent size the .pte accepts (default twice the spec's)")
+
+
+def _int8_args(group: Any) -> None:  # an argparse argument group; defaults live in exporters/onnx_int8.py
+    group.add_argument("--calib-prompts", metavar="N|FILE",
+                       help="calibration prompts: a count of built-in prompts or a file, one a line (default 4)")
+    group.add_argument("--calib-steps", type=int, metavar="N", help="denoising steps per calibration loop (default 8)")
+    group.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"),
+                       help="activation range calibration (default minmax)")
+    group.add_argument("--min-psnr", type=float, metavar="DB",
+                       help="quality gate: held-out output PSNR vs fp32, else keep sensitive nodes float (default 30)")
+    group.add_argument("--max-float-share", type=float, metavar="X",
+                       help="most of the Conv/MatMul MACs the gate may keep float before failing (default 0.5)")
 
 
 def _bundle_verify_args(group: Any) -> None:  # verify BUNDLE (deploy.bundle_verify)
@@ -134,8 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "a JSON list / object with a 'removed' list)")
     prune.add_argument("--criterion", default="output-loss",
                        help="output-loss (default), feature-loss, magnitude or random")
-    prune.add_argument("--cost", default="params", choices=("params", "macs"),
-                       help="what --ratio and the knapsack count (default params)")
+    prune.add_argument("--cost", default="params", choices=("params", "macs", "latency"),
+                       help="what --ratio and the knapsack count (default params); latency: measured ms per "
+                            "unit from --latency-table or --runtime")
+    prune.add_argument("--latency-table", type=Path, metavar="T.json",
+                       help="latency table from `laptop-deploy profile` (must match latent size, batch, precision)")
+    prune.add_argument("--runtime", choices=("torch", "ort"),
+                       help="profile the teacher on this runtime now (or: the runtime a --latency-table must have)")
+    prune.add_argument("--batch", type=int, default=1, metavar="B",
+                       help="images per U-Net call the latency is for (classifier-free guidance: 2; default 1)")
+    prune.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                       help="precision the latency is for (default fp32)")
+    prune.add_argument("--no-measure", action="store_true",
+                       help="with a latency table: skip timing the built student against the teacher")
     prune.add_argument("--granularity", default="auto", choices=("auto", "attention", "block"),
                        help="candidate units, as in `inventory` (default auto)")
     prune.add_argument("--calib", type=int, default=8, metavar="K", help="calibration samples (default 8)")
@@ -225,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler="laptop_deploy.cli.deploy_commands:export")
     _model_args(export)
     export.add_argument("--target", required=True, metavar="NAME",
-                        help="onnx, ort-mobile or trt (TensorRT engine; NVIDIA GPU, or --dry-run anywhere)")
-    export.add_argument("--precision", choices=("fp32", "fp16"),
+                        help="onnx, ort-mobile, trt (TensorRT engine; NVIDIA GPU, or --dry-run anywhere), "
+                             "coreml or executorch (.pte, XNNPACK)")
+    export.add_argument("--precision", choices=("fp32", "fp16", "int8", "int8-weights"),
                         help="fp16 keeps norms, softmax and the timestep embedding in fp32 (default fp32; "
-                             "fp16 for coreml)")
+                             "fp16 for coreml); int8: calibrated static QDQ with a quality gate, int8-weights: "
+                             "weight-only (onnx, ort-mobile)")
     export.add_argument("--batch", type=int, default=1, help="batch size of a static export (default 1)")
     export.add_argument("--height", type=int, metavar="H", help="latent height (default: the U-Net's sample_size)")
     export.add_argument("--width", type=int, metavar="W", help="latent width (default: the U-Net's sample_size)")
@@ -244,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "encoder(s), U-Net, VAE, tokenizer(s), scheduler in the diffusers ONNX layout")
     _tensorrt_args(export.add_argument_group("TensorRT (--target trt)"))
     _coreml_args(export.add_argument_group("Core ML (--target coreml)"))
+    _executorch_args(export.add_argument_group("ExecuTorch (--target executorch)"))
+    _int8_args(export.add_argument_group("int8 (--precision int8 / int8-weights)"))
     _common(export)
 
     verify = verbs.add_parser("verify", help="prove an artifact computes what the PyTorch model computes")
@@ -252,10 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(verify, required=False)  # required for a single artifact; a bundle records its model
     verify.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
     verify.add_argument("--provider", metavar="NAME", help="execution provider: cpu (default), cuda, tensorrt, auto")
+    verify.add_argument("--allow-fallback", action="store_true",
+                        help="ONNX Runtime: run even when a --provider asked for is not active (default: exit 2)")
     verify.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the runtime")
     verify.add_argument("--steps", type=int, default=10, help="denoising steps of the captured loop (default 10)")
-    verify.add_argument("--max-rel-l2", type=float, metavar="X", help="override the relative L2 bound")
-    verify.add_argument("--min-psnr", type=float, metavar="DB", help="override the PSNR floor")
+    verify.add_argument("--max-rel-l2", type=float, metavar="X",
+                        help="fixed bound on relative L2 vs PyTorch fp32 (replaces the calibrated gate, which is "
+                             "still reported)")
+    verify.add_argument("--min-psnr", type=float, metavar="DB", help="fixed PSNR floor (replaces the gate, too)")
+    verify.add_argument("--atol", type=float, metavar="X", help="fixed per-element |out - ref| <= atol + rtol|ref| "
+                        "(Polygraphy's rule; replaces the gate, too)")
+    verify.add_argument("--rtol", type=float, metavar="X", help="see --atol")
+    verify.add_argument("--factor", type=float, metavar="F", help="calibrated gate: allowed artifact error vs "
+                        "float64 as a multiple of the reference's own (default 4; see README)")
     _digest_arg(verify)
     _common(verify)
 
@@ -267,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("dir", type=Path, metavar="DIR", help="artifact folder (with manifest.json)")
     bench.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
     bench.add_argument("--provider", metavar="NAME", help="execution provider: cpu (default), cuda, tensorrt, auto")
+    bench.add_argument("--allow-fallback", action="store_true",
+                        help="ONNX Runtime: run even when a --provider asked for is not active (default: exit 2)")
     bench.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the runtime")
     bench.add_argument("--iterations", type=int, default=20, help="timed calls per runner (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
@@ -274,8 +321,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", metavar="M", help="model for --vs-torch (default: the manifest's source)")
     bench.add_argument("--seed", type=int, help="seed of a random:<preset> model (default: the manifest's)")
     bench.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt files for --vs-torch")
+    bench.add_argument("--batch", type=int, metavar="B",
+                       help="images per call (a dynamic artifact; default the spec's batch)")
     _digest_arg(bench)
     _common(bench)
+
+    profile = verbs.add_parser("profile", help="where one U-Net step spends its time, per unit and op type")
+    profile.set_defaults(handler="laptop_deploy.cli.profile_commands:profile")
+    profile.add_argument("artifact", nargs="?", type=Path, metavar="ARTIFACT",
+                         help="an exported artifact folder (with manifest.json), profiled with its own runtime")
+    profile.add_argument("--model", metavar="M", help="a model to profile (as elsewhere), or the artifact's "
+                                                      "source when its manifest's spec does not resolve here")
+    profile.add_argument("--seed", type=int, default=0, help="seed of random:<preset> weights (default 0)")
+    profile.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt files")
+    profile.add_argument("--runtime", default="ort", help="with --model: torch or ort (default ort)")
+    profile.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="default fp32")
+    profile.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
+                         help="latent height and width (default: the U-Net's sample_size)")
+    profile.add_argument("--batch", type=int, default=1, metavar="B",
+                         help="images per call (classifier-free guidance doubles it; default 1)")
+    profile.add_argument("--repeats", type=int, default=5, metavar="N", help="timed calls, ≥ 3 (default 5)")
+    profile.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls first (default 1)")
+    profile.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads")
+    profile.add_argument("--provider", default="cpu", metavar="NAME", help="ONNX Runtime provider (default cpu)")
+    profile.add_argument("--dry-run", action="store_true",
+                         help="TensorRT / Core ML artifacts: print the profiling command for the machine that "
+                              "runs them")
+    profile.add_argument("--out", required=True, type=Path, metavar="DIR",
+                         help="folder for latency_table.json, latency_table.md and latency_shares.png")
+    profile.add_argument("--force", action="store_true", help="replace a folder profile wrote before")
+    _digest_arg(profile)
+    _common(profile)
 
     compress = verbs.add_parser("compress", help="teacher -> pruned, distilled, exported, verified, benchmarked "
                                                  "student + report, in one resumable run folder")
@@ -288,12 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    if not debug:  # library deprecation chatter would break the one-line-on-stderr contract
-        for module in ("huggingface_hub", "diffusers", "transformers", "torch"):
-            warnings.filterwarnings("ignore", module=module)
     try:
         args = build_parser().parse_args(argv)
-        result, text = _handler(args.handler)(args)
+        # only the known-noisy library messages are muted (cli/noise.py); --quiet mutes all, --debug none
+        with library_noise(quiet=getattr(args, "quiet", False), debug=debug):
+            result, text = _handler(args.handler)(args)
     except LaptopDeployError as exc:
         if debug:
             raise

@@ -3,7 +3,9 @@
 What is drawn, in this order, from one ``torch.Generator`` seeded with ``seed`` (so a seed fixes the whole set):
 
 1. timesteps, stratified over the training schedule: tᵢ = ⌊(i + uᵢ)·T/K⌋ with uᵢ ~ U[0, 1), i = 0..K−1, so every
-   K-th of [0, T) is covered exactly once (T = 1000 for every SD model);
+   K-th of [0, T) is covered exactly once (T = 1000 for every SD model); with ``steps``, the same stratified
+   positions index the timesteps a ``steps``-step run of the source's sampler visits instead
+   (:func:`~laptop_deploy.prune.calib_sources.sampler_timesteps`), so each is weighted as inference weights it;
 2. clean latents x₀: VAE-encoded images from ``images`` (resized to the latent size × the VAE factor, centre-cropped,
    scaled by the VAE's scaling factor; cycled if fewer than K), else N(0, I) — SD's scaled latents have roughly unit
    variance;
@@ -24,8 +26,10 @@ from typing import Any
 
 import torch
 
+from .calib_sources import describe_schedule, image_captions, sampler_timesteps
 from ..models.conditioning import DEFAULT_PROMPTS, encode_prompts, has_text_encoders, seeded_conditioning
 from ..errors import LaptopDeployError
+from ..outputs import as_path
 from ..models.unet_io import check_latent_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -87,6 +91,17 @@ def alphas_cumprod(source: Any) -> torch.Tensor:
     return scheduler.alphas_cumprod
 
 
+NO_SCHEDULER = ("the model has no scheduler: SD-1's scaled-linear beta schedule 0.00085 -> 0.012 over 1000 "
+                "steps and epsilon prediction are assumed")
+
+
+def noise_schedule(source: Any) -> str:
+    """Where ᾱ_t comes from, for the plan: the source's scheduler config, or :data:`NO_SCHEDULER`."""
+    if "scheduler" not in source.available_parts():
+        return NO_SCHEDULER
+    return f"the model's {type(source.part('scheduler')).__name__} config"
+
+
 def prediction_type(source: Any) -> str:
     """What the U-Net predicts: ``epsilon`` (SD-1.x, SDXL) or ``v_prediction`` (SD-2.x 768), from its scheduler."""
     if "scheduler" in source.available_parts():
@@ -135,16 +150,21 @@ def resize_crop(image: Any, height: int, width: int) -> Any:
 
 
 def build_calibration(source: Any, *, count: int = 8, seed: int = 0, prompts: Sequence[str] | None = None,
-                      images: Path | None = None, latent_size: tuple[int, int] | None = None) -> CalibrationSet:
+                      images: Path | None = None, latent_size: tuple[int, int] | None = None,
+                      steps: int | None = None) -> CalibrationSet:
     """Draw the calibration set for ``source`` (see the module docstring for exactly what is drawn)."""
     if count < 1:
         raise LaptopDeployError(f"--calib must be at least 1, got {count}")
+    images = None if images is None else as_path(images, what="--images")
+    if prompts and not has_text_encoders(source):  # as --images without a VAE: never silently N(0, I) instead
+        raise LaptopDeployError(f"--prompts needs a text encoder to encode them, and model '{source.spec}' has none")
     config = source.unet.config
     height, width = latent_size or (config.sample_size, config.sample_size)
     check_latent_size(config, height, width)
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.rand(count, generator=generator)
-    timestep = ((torch.arange(count) + offsets) * TRAIN_TIMESTEPS / count).floor().long()
+    schedule = sampler_timesteps(source, steps) if steps else torch.arange(TRAIN_TIMESTEPS)
+    timestep = schedule[((torch.arange(count) + offsets) * len(schedule) / count).floor().long()]
     if images is not None:
         clean, image_count = _encode_images(source, images, count, (height, width))
         latent_origin = f"VAE-encoded images from {images} ({image_count} files, cycled)"
@@ -155,17 +175,22 @@ def build_calibration(source: Any, *, count: int = 8, seed: int = 0, prompts: Se
     alpha_bar = alphas_cumprod(source)[timestep].view(-1, 1, 1, 1)
     sample = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
     factor = vae_factor(source)
-    chosen = list(prompts or DEFAULT_PROMPTS)
+    captions = image_captions(images, count) if images is not None and not prompts else None
+    chosen = captions or list(prompts or DEFAULT_PROMPTS)
     cycled = [chosen[i % len(chosen)] for i in range(count)]
     if has_text_encoders(source):
         cond = encode_prompts(source, cycled, height_px=height * factor, width_px=width * factor)
         text_origin = f"{len(chosen)} prompts ({'--prompts' if prompts else 'built-in'}) through the text encoder(s)"
+        if captions:
+            text_origin = "each image's own caption through the text encoder(s)"
     else:
         cond = seeded_conditioning(config, count, height_px=height * factor, width_px=width * factor,
                                    generator=generator)
         text_origin = "N(0, I) text embeddings (the model has no text encoder)"
     description = {"count": count, "seed": seed, "latent_size": [height, width],
                    "timesteps": timestep.tolist(), "latents": latent_origin,
+                   "timestep_schedule": describe_schedule(source, steps) if steps else "stratified over the "
+                   f"{TRAIN_TIMESTEPS} training timesteps",
                    "noise": "DDPM forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps ~ N(0, I)",
-                   "text": text_origin}
+                   "text": text_origin, "noise_schedule": noise_schedule(source)}
     return CalibrationSet(sample=sample, timestep=timestep, cond=cond, description=description)

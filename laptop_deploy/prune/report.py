@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .refine import interaction_markdown
+
 
 def format_value(value: float | None, spec: str = ".4g") -> str:
     return "–" if value is None else format(value, spec)
@@ -31,6 +33,7 @@ def plan_markdown(plan: dict[str, Any]) -> str:
     ]
     lines += [f"- note: {note}" for note in plan["notes"]]
     lines += _additivity_section(plan.get("additivity"))
+    lines += interaction_markdown(plan)  # --refine rounds and the --calib-seeds report (prune/refine.py)
     lines += ["", "## Layers", "", "| layer | kind | params | GMACs | score | removed |", "|---|---|---:|---:|---:|:-:|"]
     for row in plan["layers"]:
         verdict = "**removed**" if row["removed"] else ("" if row["prunable"] else f"not prunable: {row['reason']}")
@@ -49,9 +52,13 @@ def _additivity_section(additivity: dict[str, Any] | None) -> list[str]:
         f"Spearman {format_value(additivity['spearman'], '.3f')}; chosen set L(S)/Σsᵢ = "
         f"{format_value(additivity['chosen_joint_over_sum'], '.3f')}, mean over sets "
         f"{format_value(additivity['mean_joint_over_sum'], '.3f')}.",
-        "", "| set | layers | cost removed | L(S) | Σ sᵢ | L/Σ |", "|---|---:|---:|---:|---:|---:|",
     ]
+    if additivity.get("chosen_verdict"):
+        lines += ["", f"**Chosen set: {additivity['chosen_verdict']}.**"]
+    lines += ["", "| set | layers | cost removed | L(S) | Σ sᵢ | L/Σ | additive |",
+              "|---|---:|---:|---:|---:|---:|:-:|"]
     for s in additivity["sets"]:
+        verdict = {True: "yes", False: "**no**"}.get(s.get("additive"), "–")
         lines.append(f"| {s['label']} | {len(s['names'])} | {s['cost_ratio']:.3f} | {s['joint']:.4g} | "
-                     f"{s['summed']:.4g} | {format_value(s['joint_over_sum'], '.3f')} |")
+                     f"{s['summed']:.4g} | {format_value(s['joint_over_sum'], '.3f')} | {verdict} |")
     return lines
