@@ -133,7 +133,6 @@ def test_flags_override_the_config_file_and_paths_are_relative_to_it(tmp_path):
     (["--latent-size", "15", "16"], "not a positive multiple"),
     (["--config", "{tmp}/bad.toml"], "unknown key 'modle'"),
     (["--budget", "latency=0.3", "--runtime", "torch"], "runs no exported artifact"),
-    (["--pipeline"], "--pipeline needs"),
 ])
 def test_recipe_errors_exit_2_with_nothing_written(tmp_path, capsys, extra, message):
     (tmp_path / "bad.toml").write_text('modle = "toy"\n')
@@ -157,6 +156,17 @@ def test_latency_budget_is_refused_by_name_until_latency_pruning_exists(tmp_path
     out = tmp_path / "run"
     assert main(["compress", "--model", "random:tiny-sd15", "--budget", "latency=0.3", "--out", str(out)]) == 2
     assert "issue 15" in capsys.readouterr().err and not out.exists()
+
+
+def test_pipeline_is_refused_by_name_until_bundles_exist(tmp_path, capsys):
+    from laptop_deploy.compress.recipe import pipeline_support
+
+    if pipeline_support() is None:
+        pytest.skip("app bundles are supported in this build (test_pipeline_chain covers --pipeline)")
+    out = tmp_path / "run"
+    assert main(["compress", "--model", "random:tiny-sd15", "--budget", "params=0.3", "--pipeline",
+                 "--out", str(out)]) == 2
+    assert "issue 16" in capsys.readouterr().err and not out.exists()
 
 
 def test_run_folder_of_someone_else_is_refused(tmp_path, capsys):
@@ -242,3 +252,19 @@ def test_sigkill_in_every_stage_resumes_to_the_uninterrupted_result(tmp_path):
         assert _sha(out / name) == _sha(tmp_path / "reference" / name), name
     log = [json.loads(line) for line in (out / "distill" / "distill_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "total" in r and r.get("event") is None] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_pipeline_chain_writes_a_verified_bundle(tmp_path):
+    from laptop_deploy.compress.recipe import pipeline_support
+
+    if pipeline_support() is not None:
+        pytest.skip(f"this build lacks {pipeline_support()}")
+    out = tmp_path / "run"
+    done = _cli([*CHEAP, "--pipeline", "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    bundle = json.loads((out / "export" / "stage.json").read_text())["result"]
+    assert bundle["bundle"] and set(bundle["parts"]) >= {"text_encoder", "unet", "vae_decoder"}
+    parity = json.loads((out / "verify" / "parity.json").read_text())
+    assert parity["passed"] and parity["worst_psnr_db"] >= parity["min_psnr_db"]
+    assert (out / "report" / "samples.png").is_file()

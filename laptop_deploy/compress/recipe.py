@@ -171,7 +171,10 @@ def latency_support() -> str | None:
 
 def pipeline_support() -> str | None:
     """None when ``--pipeline`` app bundles can be built, else what is missing."""
-    return "app bundles (`export --pipeline`, issue 16)"
+    import importlib.util
+
+    have = all(importlib.util.find_spec(f"laptop_deploy.deploy.{name}") for name in ("bundle", "bundle_verify"))
+    return None if have else "app bundles (`export --pipeline`, issue 16)"
 
 
 def distill_options(r: Recipe) -> Any:
@@ -237,6 +240,9 @@ def _check_missing_features(r: Recipe) -> None:
         if missing:
             raise LaptopDeployError(f"--pipeline needs {missing}, which this build lacks; drop --pipeline to "
                                     f"export the U-Net")
+        from ..deploy.bundle import BundleOptions
+
+        BundleOptions(target=r.target, precision=r.precision).check()
 
 
 def _export_options(r: Recipe) -> Any:
@@ -266,6 +272,9 @@ def _check_data(r: Recipe, source: Any) -> None:
         if not pairs:
             raise LaptopDeployError(f"--data {r.data}: no captioned images (an image with a .txt beside it, or "
                                     f"metadata.jsonl)")
+    if r.pipeline and "text_encoder" not in source.available_parts():
+        raise LaptopDeployError(f"--pipeline: model '{r.model}' is a bare U-Net; a bundle needs its text encoder, "
+                                f"VAE, tokenizer and scheduler (a pipeline folder, toy or random:<preset>)")
     if r.distill_steps > 0:
         if r.data is None and r.prompts is None:
             raise LaptopDeployError(f"--distill-steps {r.distill_steps} needs --data DIR or --prompts FILE "

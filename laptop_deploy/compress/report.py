@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ def _markdown(r: Recipe, checked: Checked, results: dict[str, dict[str, Any]], r
     verify, bench, prune = results.get("verify", {}), results.get("bench", {}), results.get("prune", {})
     verdict = "PASSED" if verify.get("passed") else "FAILED"
     lines = [f"# Compress report: {r.model}, budget {r.budget}", "",
-             f"Target `{r.target}` ({r.precision}), runtime `{checked.runtime}`, latent "
+             f"Target `{r.target}`{' app bundle' if r.pipeline else ''} ({r.precision}), runtime "
+             f"`{checked.runtime}`, latent "
              f"{'x'.join(map(str, prune.get('latent_size') or []))}, distillation steps {r.distill_steps}. "
              f"The recipe is `../recipe.toml`.", "",
              f"**Verify: {verdict}**" + ("" if verify.get("passed") else
@@ -86,11 +88,20 @@ def _markdown(r: Recipe, checked: Checked, results: dict[str, dict[str, Any]], r
                  else "n/a")
         lines.append(f"| {row['what']} | {_fmt(row['teacher'], row['unit'])} | {_fmt(row['student'], row['unit'])} "
                      f"| {ratio} |")
+    additivity = prune.get("additivity")
     lines += ["", f"Removed {len(prune.get('removed') or [])} layers; joint output loss "
-              f"{prune.get('joint_output_loss')}; additivity {prune.get('additivity') or 'not measured'}.", ""]
-    lines += [f"Parity of the student artifact against the PyTorch student ({verify.get('steps')} steps): worst "
-              f"relative L2 {verify.get('rel_l2')}, worst PSNR {verify.get('psnr_db')} dB, end-to-end PSNR "
-              f"{verify.get('e2e_psnr_db')} dB (tolerances {verify.get('tolerances')}).", ""]
+              f"{_num(prune.get('joint_output_loss'), '.4g')}; additivity "
+              + (f"Pearson {_num(additivity.get('pearson'), '.3f')}, Spearman {_num(additivity.get('spearman'), '.3f')}"
+                 if additivity else "not measured") + ".", ""]
+    if "parts" in verify:  # an app bundle: every part, then images against the diffusers pipeline
+        parts = ", ".join(f"{name} PSNR {_num(part.get('psnr_db'))} dB" for name, part in verify["parts"].items())
+        lines += [f"Parity of the bundle ({verify.get('steps')} steps): {parts}; worst image PSNR against the "
+                  f"PyTorch pipeline {_num(verify.get('e2e_psnr_db'))} dB (floor {verify.get('min_image_psnr_db')} "
+                  f"dB).", ""]
+    else:
+        lines += [f"Parity of the student artifact against the PyTorch student ({verify.get('steps')} steps): "
+                  f"worst relative L2 {_num(verify.get('rel_l2'), '.3g')}, worst PSNR {_num(verify.get('psnr_db'))} "
+                  f"dB, end-to-end PSNR {_num(verify.get('e2e_psnr_db'))} dB.", ""]
     if bench:
         lines.append(f"Latency: {bench.get('repeats')} interleaved rounds (teacher, student, ...) of "
                      f"{bench.get('iterations')} calls after {bench.get('warmup')} warm-up; median of the rounds' "
@@ -111,6 +122,10 @@ def _markdown(r: Recipe, checked: Checked, results: dict[str, dict[str, Any]], r
                   + (" (judged images)." if quality is not None else " through its exported artifact."), "",
                   "![samples](samples.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _num(value: Any, fmt: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def _span(bench: dict[str, Any], name: str) -> str:
@@ -149,6 +164,8 @@ def _artifact_samples(r: Recipe, checked: Checked, folders: dict[str, Path]) -> 
         return None
     manifest = check_integrity(folders["student_artifact"])
     spec = manifest.spec
+    if spec.dynamic:  # a bundle's U-Net: one image per call here
+        spec = dataclasses.replace(spec, batch=1)
     vae = teacher.part("vae")
     rows: list[list[np.ndarray]] = [[], []]
     candidate = open_artifact(folders["student_artifact"], manifest=manifest, runtime=checked.runtime)
@@ -158,8 +175,8 @@ def _artifact_samples(r: Recipe, checked: Checked, folders: dict[str, Path]) -> 
             cond = encode_prompts(teacher, [prompt], height_px=spec.height * 8, width_px=spec.width * 8)
             flat = {"encoder_hidden_states": cond["encoder_hidden_states"], **(cond.get("added_cond_kwargs") or {})}
             feeds = {k: v.detach().float().numpy() for k, v in flat.items() if k in spec.input_names}
-            for row, runner in enumerate((reference, candidate)):
-                latents = denoise(runner, runner.spec, scheduler=make_scheduler(teacher), cond=feeds,
+            for row, (runner, run_spec) in enumerate(((reference, reference.spec), (candidate, spec))):
+                latents = denoise(runner, run_spec, scheduler=make_scheduler(teacher), cond=feeds,
                                   steps=r.report_steps, seed=r.seed + index)
                 rows[row].append(_decode(vae, torch.from_numpy(latents)))
     return np.stack([np.stack(row) for row in rows])
@@ -199,7 +216,8 @@ def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), "student vs teacher (teacher = 100%)", fill="black")
     y = 40
-    scale = (width - left - 70) / 100
+    top = max([100.0] + [100 * row["student"] / row["teacher"] for row in shown])  # a slower student fits too
+    scale = (width - left - 70) / top
     for row in shown:
         for who, colour in (("teacher", (150, 150, 150)), ("student", (40, 110, 200))):
             pct = 100 * row[who] / row["teacher"]

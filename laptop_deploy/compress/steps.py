@@ -155,7 +155,9 @@ def run_export(ctx: StageContext, r: Recipe, checked: Checked, *, model_dir: Pat
     exporter = get_exporter(r.target)
     source = _teacher(r) if model_dir is None else resolve_model(str(model_dir))
     height, width = _latent(r, source.unet.config)
-    spec = build_spec(source.unet.config, batch=1, height=height, width=width, precision=r.precision)
+    # beside a bundle, the teacher is exported as the bundle's U-Net is (dynamic axes, batch 2): like for like
+    spec = build_spec(source.unet.config, batch=2 if r.pipeline else 1, height=height, width=width,
+                      dynamic=r.pipeline, precision=r.precision)
     described = {**source.describe(), "sha256": model_hash(source.unet)}
     written: dict[str, Any] = {}
 
@@ -170,6 +172,44 @@ def run_export(ctx: StageContext, r: Recipe, checked: Checked, *, model_dir: Pat
             "bytes": sum(f["bytes"] for f in manifest.files.values()),
             "digests": {name: f.get("sha256") for name, f in manifest.files.items()},
             "source_sha256": described["sha256"], "params": described["params"]}
+
+
+def run_bundle(ctx: StageContext, r: Recipe, *, model_dir: Path) -> dict[str, Any]:
+    """``export --pipeline``: the student's app bundle (its other parts from the teacher)."""
+    from ..deploy.bundle import BundleOptions, export_bundle, resolve_sources
+    from ..outputs import write_atomically
+
+    sources = resolve_sources(str(model_dir), seed=r.seed)
+    height, width = _latent(r, sources.unet.unet.config)
+    options = BundleOptions(target=r.target, precision=r.precision, height=height, width=width,
+                            exporter=r.exporter, opset=r.opset, seed=r.seed)
+    written: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        written["manifest"] = export_bundle(sources, tmp, options)
+        maybe_kill(f"{ctx.folder.name}:written")
+
+    write_atomically(ctx.folder, write, kind="bundle", entries=["stage.json"])
+    manifest = written["manifest"]
+    return {"target": manifest.target, "precision": manifest.precision, "bundle": True,
+            "bytes": manifest.parts["unet"]["bytes"], "bundle_bytes": sum(f["bytes"] for f in manifest.files.values()),
+            "digests": {name: f.get("sha256") for name, f in manifest.files.items()},
+            "parts": {name: part["bytes"] for name, part in manifest.parts.items()}}
+
+
+def run_verify_bundle(ctx: StageContext, r: Recipe) -> dict[str, Any]:
+    """``verify BUNDLE``: every part against PyTorch, then images from the same seeds against the diffusers
+    pipeline (the app loop is torch-free)."""
+    from ..deploy.bundle_verify import verify_bundle
+    from ..outputs import write_atomically
+
+    result = verify_bundle(ctx.run_dir / "export", steps=r.verify_steps, seeds=(r.seed,))
+    data = result.as_dict()
+    write_atomically(ctx.folder, lambda tmp: (tmp / "parity.json").write_text(json.dumps(data, indent=2) + "\n"),
+                     kind="verify", entries=["stage.json"])
+    return {"passed": data["passed"], "failures": data["failures"], "steps": r.verify_steps,
+            "parts": {name: {k: part.get(k) for k in ("rel_l2", "psnr_db")} for name, part in data["parts"].items()},
+            "e2e_psnr_db": data["worst_psnr_db"], "min_image_psnr_db": data["min_psnr_db"]}
 
 
 def _runner_options(r: Recipe) -> dict[str, Any]:
@@ -268,16 +308,22 @@ def plan_stages(r: Recipe, checked: Checked, hooks: Hooks, run_dir: Path) -> lis
     student_dir = run_dir / student_stage
     export = {"target": r.target, "precision": r.precision, "exporter": r.exporter, "opset": r.opset,
               "latent_size": latent}
-    stages.append(Stage("export", export, lambda ctx: run_export(ctx, r, checked, model_dir=student_dir),
-                        inputs=(student_stage,)))
-    artifacts = {"student": run_dir / "export"}
-    stages.append(Stage("export-teacher", {**teacher, **export},
+    if r.pipeline:
+        stages.append(Stage("export", {**export, "pipeline": True},
+                            lambda ctx: run_bundle(ctx, r, model_dir=student_dir), inputs=(student_stage,)))
+        artifacts = {"student": run_dir / "export" / "unet"}  # the bundle's U-Net part is an artifact folder
+    else:
+        stages.append(Stage("export", export, lambda ctx: run_export(ctx, r, checked, model_dir=student_dir),
+                            inputs=(student_stage,)))
+        artifacts = {"student": run_dir / "export"}
+    stages.append(Stage("export-teacher", {**teacher, **export, "pipeline": r.pipeline},
                         lambda ctx: run_export(ctx, r, checked, model_dir=None)))
     artifacts = {"teacher": run_dir / "export-teacher", **artifacts}
+    verify = (lambda ctx: run_verify_bundle(ctx, r)) if r.pipeline else \
+        (lambda ctx: run_verify(ctx, r, checked, model_dir=student_dir, artifact=run_dir / "export"))
     stages.append(Stage("verify", {"runtime": checked.runtime, "steps": r.verify_steps, "seed": r.seed,
-                                   "threads": r.threads},
-                        lambda ctx: run_verify(ctx, r, checked, model_dir=student_dir, artifact=run_dir / "export"),
-                        inputs=(student_stage, "export")))
+                                   "threads": r.threads, "pipeline": r.pipeline},
+                        verify, inputs=(student_stage, "export")))
     stages.append(Stage("bench", {"runtime": checked.runtime, "repeats": r.bench_repeats,
                                   "iterations": r.bench_iterations, "warmup": r.bench_warmup, "threads": r.threads},
                         lambda ctx: run_bench(ctx, r, checked, artifacts=artifacts),
