@@ -64,8 +64,9 @@ class OrtRunner(Runner):
 
     def __init__(self, path: str | Path, *, spec: ExportSpec, providers: str | Sequence[str] = "cpu",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 graph_optimization: str = "all") -> None:
+                 graph_optimization: str = "all", allow_fallback: bool = False) -> None:
         super().__init__(spec=spec)
+        self.allow_fallback = allow_fallback
         if graph_optimization not in OPT_LEVELS:
             raise RunnerError(f"graph optimisation '{graph_optimization}' is not one of {', '.join(OPT_LEVELS)}")
         self.path, self.providers = Path(path), providers
@@ -94,11 +95,23 @@ class OrtRunner(Runner):
                                                  providers=providers)
         except ORT_ERRORS as exc:
             raise RunnerError(f"{self.path}: onnxruntime cannot load it: {_first_line(exc)}") from None
+        self._check_active(providers)
         names = [i.name for i in self._session.get_inputs()]
         outputs = [o.name for o in self._session.get_outputs()]
         if names != self.spec.input_names or outputs != self.spec.output_names:
             raise RunnerError(f"{self.path}: graph has inputs {names} and outputs {outputs}, the manifest's spec "
                               f"{self.spec.input_names} and {self.spec.output_names}")
+
+    def _check_active(self, providers: list[str]) -> None:
+        """ORT silently drops a provider it cannot create (CUDA without its libraries...) and runs on the CPU; a
+        provider asked for by name and not active is an error unless ``allow_fallback`` (``auto`` asks for none)."""
+        asked = [] if self.providers == "auto" else [p for p in providers if p != PROVIDERS["cpu"]]
+        missing = [p for p in asked if p not in self._session.get_providers()]
+        if missing and not self.allow_fallback:
+            active = ", ".join(self._session.get_providers())
+            self._session = None
+            raise RunnerError(f"{self.path}: provider {', '.join(missing)} was asked for but is not active after "
+                              f"the session was created (active: {active}); pass --allow-fallback to run anyway")
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -112,7 +125,8 @@ class OrtRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         used = self._session.get_providers() if self._session is not None else select_providers(self.providers)
-        return {**super().describe(), "providers": used, "graph_optimization": self.graph_optimization,
+        return {**super().describe(), "providers": used, "providers_requested": self.providers,
+                "allow_fallback": self.allow_fallback, "graph_optimization": self.graph_optimization,
                 "intra_op_threads": self.intra_op_threads or "default",
                 "inter_op_threads": self.inter_op_threads or "default", "onnxruntime": ort.__version__}
 

@@ -86,13 +86,9 @@ def test_folder_that_is_not_a_model_and_unknown_file_types(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error_without_retries(monkeypatch):
-    import time
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
     with pytest.raises(ModelSourceError, match="hub is unreachable"):
         resolve_model("someone/some-model")
-    assert time.perf_counter() - start < 10
 
 
 def test_parts_of_a_bare_unet_are_refused(tmp_path, make_source):

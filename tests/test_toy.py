@@ -107,6 +107,14 @@ def test_psnr():
     assert psnr(a, b) == pytest.approx(10 * np.log10(3))
 
 
+@pytest.fixture
+def monkeypatch_threads():
+    """``torch.set_num_threads`` for one test, restored afterwards (global state must not leak between tests)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def toy():
     return resolve_model("toy")
@@ -123,11 +131,11 @@ def test_toy_resolves_with_sd_topology_and_pipeline_parts(toy):
     assert sum(p.numel() for p in meta.unet.parameters()) == sum(p.numel() for p in toy.unet.parameters())
 
 
-def test_toy_pipeline_generates_32px_images_that_depend_on_the_seed_only(toy):
+def test_toy_pipeline_generates_32px_images_that_depend_on_the_seed_only(toy, monkeypatch_threads):
     pipe = toy.pipeline()
     pipe.set_progress_bar_config(disable=True)
     pairs = eval_pairs(per_prompt=1)[:3]
-    torch.set_num_threads(1)
+    monkeypatch_threads(1)
     images = generate(pipe, pairs, steps=3, batch=3)
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
     alone = generate(pipe, pairs[1:2], steps=3)
@@ -175,12 +183,12 @@ def test_bk_sdm_presets_follow_the_rule_on_the_three_stage_toy(toy):
     assert plan.removed == small and 0 < plan.totals()["params_ratio_achieved"] < 0.6
 
 
-def test_quality_verb_compares_a_toy_student_with_the_teacher(tmp_path, capsys):
+def test_quality_verb_compares_a_toy_student_with_the_teacher(tmp_path, capsys, monkeypatch_threads):
     import json
 
     from laptop_deploy.cli.main import main
 
-    torch.set_num_threads(1)
+    monkeypatch_threads(1)
     out = tmp_path / "toy-30"
     assert main(["prune", "--model", "toy", "--ratio", "0.3", "--calib", "2", "--additivity-sets", "0",
                  "--out", str(out)]) == 0

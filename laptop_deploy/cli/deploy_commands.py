@@ -16,10 +16,6 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         from .bundle_commands import export_pipeline
 
         return export_pipeline(args)
-    if getattr(args, "pipeline", False):  # the whole pipeline as an app bundle (deploy.bundle)
-        from .bundle_commands import export_pipeline
-
-        return export_pipeline(args)
     from ..exporters import get_exporter
     from ..deploy.manifest import model_hash
     from ..models.sources import resolve_model
@@ -69,18 +65,14 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
         options["providers"] = args.provider
     if getattr(args, "threads", None):
         options["intra_op_threads"] = args.threads
+    if getattr(args, "allow_fallback", False):  # an OrtRunner option; other runtimes refuse it (exit 2)
+        if getattr(args, "runtime", None) not in (None, "ort"):
+            raise LaptopDeployError(f"--allow-fallback applies to --runtime ort, not '{args.runtime}'")
+        options["allow_fallback"] = True
     return options
 
 
 def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from ..deploy.bundle_format import is_bundle
-
-    if is_bundle(args.dir):  # an app bundle (export --pipeline): every part, then end to end
-        from .bundle_commands import verify_bundle
-
-        return verify_bundle(args)
-    if args.model is None:
-        raise LaptopDeployError("verify: --model is required for a single artifact (the PyTorch model to compare)")
     from ..deploy.bundle_format import is_bundle
 
     if is_bundle(args.dir):  # an app bundle (export --pipeline): every part, then end to end
@@ -99,13 +91,14 @@ def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     runner_class(args.runtime or DEFAULT_RUNTIME.get(manifest.target, "ort"))  # missing runtime: exit 2 now
     if args.steps < 2:
         raise LaptopDeployError(f"--steps {args.steps}: need at least 2 denoising steps")
-    tolerances, gate = parity_rules(max_rel_l2=args.max_rel_l2, min_psnr_db=args.min_psnr,
+    tolerances, gate = parity_rules(manifest.precision, max_rel_l2=args.max_rel_l2, min_psnr_db=args.min_psnr,
                                     atol=getattr(args, "atol", None), rtol=getattr(args, "rtol", None),
                                     factor=getattr(args, "factor", None))
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
     result = verify_artifact(args.dir, source, runtime=args.runtime, steps=args.steps, seed=args.seed,
                              tolerances=tolerances, gate=gate, manifest=manifest, **_runner_options(args))
     data = result.as_dict()
+    data["providers"] = data["runner"].get("providers")  # what ran, not what was asked for (None: not ORT)
     if not result.passed:
         data["exit_code"] = 1
     return data, _verify_text(data, folder=args.dir, precision=manifest.precision)
@@ -166,7 +159,8 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     main = results[-1]
     data = {**{k: v for k, v in main.as_dict().items() if k != "times_ms"},
             "runners": [r.as_dict() for r in results], "ratios": ratios(results), "environment": environment(),
-            "batch": args.batch or spec.batch, "height": spec.height, "width": spec.width}
+            "batch": args.batch or spec.batch, "height": spec.height, "width": spec.width,
+            "providers": main.runner.get("providers")}  # what ran, not what was asked for (None: not ORT)
     record_result(args.dir, "latency", {k: v for k, v in data.items() if k != "runners"})
     env = data["environment"]
     text = (f"{format_table(results)}\n{data['batch']}x{spec.height}x{spec.width} latent, {args.iterations} "

@@ -32,6 +32,7 @@ import torch
 from ..prune.calibration import IMAGE_SUFFIXES, TRAIN_TIMESTEPS, resize_crop, vae_factor
 from ..models.conditioning import encode_prompts, has_text_encoders
 from ..errors import LaptopDeployError
+from ..outputs import as_path
 from ..deploy.manifest import digest_tensors
 
 CACHE_VERSION = 1
@@ -239,6 +240,7 @@ def default_cache_dir() -> Path:
 def image_data(source: Any, folder: Path, *, latent_size: tuple[int, int], cache_dir: Path | None = None,
                progress: Callable[[str, int], Callable[[int], None] | None] | None = None) -> DistillData:
     """Captioned images of ``folder`` encoded through the teacher's VAE and text encoder(s), cached on disk."""
+    folder, cache_dir = as_path(folder, what="--data"), None if cache_dir is None else as_path(cache_dir)
     pairs, skipped = read_captions(folder)
     if not pairs:
         raise DataError(f"--data {folder}: no captioned images ({'/'.join(IMAGE_SUFFIXES)} with a .txt beside "

@@ -51,7 +51,16 @@ from .state import (
     truncate_log,
 )
 from ..errors import DistillError
+from ..outputs import as_path
 from .options import MIXED_PRECISION, DistEnv, DistillOptions, dist_env, pick_device
+
+
+class NonFiniteLoss(Exception):
+    """The training loss of ``step`` (1-based) is NaN or infinite; caught by :meth:`DistillRun.run`."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"step {step}: loss {value}")
+        self.step, self.value = step, value
 
 
 # ------------------------------------------------------------------------------------------- the models
@@ -220,10 +229,15 @@ class DistillRun:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step_seconds: list[float] = []
+        stopped: dict[str, Any] | None = None
         try:  # one set of taps (hooks on the unwrapped models) serves training and the final evaluations
             for step in range(start_step, opts.steps):
                 tick = time.perf_counter()
-                record = self._step(step, model, teacher, taps, names, optimizer, scaler, amp, device, params)
+                try:
+                    record = self._step(step, model, teacher, taps, names, optimizer, scaler, amp, device, params)
+                except NonFiniteLoss as exc:  # a check that failed after the run folder was written: exit 1
+                    stopped = self._stopped(exc, checkpoint_path)
+                    break
                 scheduler.step()
                 ema.update(student, step)
                 record.update({"step": step + 1, "lr": scheduler.get_last_lr()[0],
@@ -236,6 +250,11 @@ class DistillRun:
                     self._checkpoint(checkpoint_path, step + 1, student, optimizer, scheduler, scaler, ema,
                                      settings, device)
             seconds = time.perf_counter() - started
+            if stopped is not None:
+                self._log(log_path, {"event": "stopped", **stopped})
+                summary = self._summary(start_step, seconds, step_seconds, evals, device, names, checkpoint_path,
+                                        log_path)
+                return {**summary, "steps_run": len(step_seconds), "stopped": stopped}
             evals["end"] = self._evaluate(student, teacher, taps, eval_batch, names, amp)
             if opts.ema_decay:
                 ema.copy_to(student)
@@ -269,8 +288,7 @@ class DistillRun:
                 loss, record = distill_loss(opts, lambda_task=self.lambda_task, s_out=s_out, t_out=t_out,
                                             target=target, s_feats=s_feats, t_feats=t_feats, names=names)
                 if not math.isfinite(record["total"]):
-                    raise DistillError(f"step {step + 1}: the loss is {record['total']}; with --mixed-precision "
-                                       f"fp16 this is usually an overflow (use bf16), else lower --lr")
+                    raise NonFiniteLoss(step + 1, record["total"])
                 scaler.scale(loss / opts.grad_accum).backward()
             records.append(record)
         scaler.unscale_(optimizer)
@@ -282,6 +300,16 @@ class DistillRun:
         record["grad_norm"] = float(grad_norm)
         record["samples"] = opts.batch_size * opts.grad_accum * env.world_size
         return record
+
+    def _stopped(self, exc: NonFiniteLoss, checkpoint: Path) -> dict[str, Any]:
+        """What the summary and stderr say when the loss became non-finite: the last good checkpoint is kept."""
+        kept = load_checkpoint(checkpoint)["step"] if checkpoint.is_file() else None
+        hint = ("with --mixed-precision fp16 this is usually an overflow (use bf16)"
+                if self.options.mixed_precision == "fp16" else "lower --lr")
+        where = (f"the last good checkpoint (step {kept}) is kept in {checkpoint}" if kept is not None else
+                 f"no checkpoint was written before (--checkpoint-every {self.options.checkpoint_every})")
+        return {"step": exc.step, "loss": str(exc.value), "checkpoint_step": kept,
+                "message": f"the loss became {exc.value} at step {exc.step}; {where}; no student written ({hint})"}
 
     def _eval_batch(self, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
         """A fixed batch (its own random stream) on which the start and end losses are compared."""
@@ -354,6 +382,7 @@ def prepare_run(teacher: Any, student: Any, data: DistillData, options: DistillO
     """A run from two resolved model sources (:class:`~laptop_deploy.models.sources.ModelSource`): checks that the student
     is the teacher with units removed, and takes the noise schedule and prediction type from the teacher."""
     check_student(teacher.unet, student.unet, student_name=student.spec, teacher_name=teacher.spec)
+    out = as_path(out, what="out")
     student_info = {"spec": student.spec, "kind": student.kind, "removed": list(student.removed),
                     "params": sum(p.numel() for p in student.unet.parameters())}
     return DistillRun(teacher.unet, student.unet, data, options, out, alphas_cumprod(teacher),
@@ -367,7 +396,9 @@ def distill(run: DistillRun, *, resume: bool = False) -> dict[str, Any]:
 
     summary = run.run(resume=resume)
     summary["out"] = str(run.out)
-    if run.env.main:
+    if summary.get("stopped") and run.env.main:  # the log and the last good checkpoint stay; no student
+        (run.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    elif run.env.main:
         evals = summary["eval"]
         final = evals.get("end_ema", evals["end"])
         publish_student(run.student.cpu().eval(), run.out, teacher=run.teacher_info,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelSourceError
+from ..outputs import as_path
 from .pipeline import PART_NAMES, build_pipeline, build_preset_part
 from .presets import Preset, get_preset
 from .student import is_student_folder, load_student, read_student_meta
@@ -91,10 +92,13 @@ def family_of(config: Any) -> str:
     return "sd1"
 
 
-def resolve_model(spec: str, *, materialize: bool = True, seed: int = 0,
+def resolve_model(spec: str | os.PathLike[str], *, materialize: bool = True, seed: int = 0,
                   allow_pickle: bool = False) -> ModelSource:
-    """Resolve ``spec`` to a U-Net in eval mode. ``materialize=False`` gives the architecture on the meta device
-    (no weights read or drawn) wherever the route allows it: enough for counting parameters and MACs."""
+    """Resolve ``spec`` (a spec string or a path) to a U-Net in eval mode. ``materialize=False`` gives the
+    architecture on the meta device (no weights read or drawn) wherever the route allows it: enough for counting
+    parameters and MACs."""
+    if not isinstance(spec, str):
+        spec = str(as_path(spec, what="model spec"))
     if spec.startswith("random:"):
         return _from_preset(spec, get_preset(spec.removeprefix("random:")), materialize=materialize, seed=seed)
     if spec == "toy":

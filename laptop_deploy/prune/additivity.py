@@ -3,6 +3,8 @@
 LAPTOP-Diff's one-shot selection is only as good as this approximation, so every criterion-based run measures it:
 the joint output loss of the chosen set and of M random sets of similar cost, against the sums of their single-layer
 output losses. Reported: Pearson and Spearman correlation over all measured sets (chosen included), and joint/sum.
+A correlation across sets can be high while the chosen set itself interacts strongly, so each set also gets its own
+verdict: "not additive for this set" when L(S) is more than 2x or less than 1/2 of Σ sᵢ (:data:`ADDITIVE_BAND`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..models.layers import Layer
+
+ADDITIVE_BAND = (0.5, 2.0)  # L(S) / Σ sᵢ inside this band: the set's loss is (roughly) the sum of its parts
+
+
+def set_verdict(joint: float, summed: float) -> tuple[bool, str]:
+    """(additive?, the sentence the plan and report print) for one removal set."""
+    if summed <= 0:
+        additive = joint <= 0
+        ratio_text = "Σ sᵢ = 0"
+    else:
+        additive = ADDITIVE_BAND[0] <= joint / summed <= ADDITIVE_BAND[1]
+        ratio_text = f"L(S) = {joint / summed:.2f} × Σ sᵢ"
+    if additive:
+        return True, f"additive for this set ({ratio_text})"
+    return False, (f"not additive for this set ({ratio_text}, outside {ADDITIVE_BAND[0]:g}-{ADDITIVE_BAND[1]:g}×): "
+                   f"the single-layer scores mis-state what removing these layers together costs")
 
 
 @dataclass(frozen=True)
@@ -52,8 +70,10 @@ class AdditivityReport:
             "chosen_sum_of_singles": chosen.summed if chosen else None,
             "chosen_joint_over_sum": chosen.ratio if chosen and math.isfinite(chosen.ratio) else None,
             "mean_joint_over_sum": sum(finite) / len(finite) if finite else None,
+            "chosen_additive": set_verdict(chosen.joint, chosen.summed)[0] if chosen else None,
+            "chosen_verdict": set_verdict(chosen.joint, chosen.summed)[1] if chosen else None,
             "sets": [{**asdict(s), "names": list(s.names), "joint_over_sum": s.ratio if math.isfinite(s.ratio)
-                      else None} for s in self.sets],
+                      else None, "additive": set_verdict(s.joint, s.summed)[0]} for s in self.sets],
         }
 
 
