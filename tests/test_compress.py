@@ -217,8 +217,15 @@ def test_full_chain_then_a_late_setting_reruns_only_bench_and_report(tmp_path, c
         assert "**Verify: PASSED**" in (out / "report" / "report.md").read_text()
         assert main(["compress", *CHEAP, "--bench-iterations", "2", "--out", str(out), "--json"]) == 0
         status = _stage_status(capsys)
-    assert [n for n, s in status.items() if s == "ran"] == ["bench", "report"]
-    assert (out / "prune" / "stage.json").read_text() == data_first
+        assert [n for n, s in status.items() if s == "ran"] == ["bench", "report"]
+        assert (out / "prune" / "stage.json").read_text() == data_first
+        # an impossible parity floor: verify fails (exit 1), the report is still written and says so
+        assert main(["compress", *CHEAP, "--bench-iterations", "2", "--min-psnr", "500", "--out", str(out),
+                     "--json"]) == 1
+        status = _stage_status(capsys)
+    assert [n for n, s in status.items() if s == "ran"] == ["verify", "report"]
+    assert "**Verify: FAILED**" in (out / "report" / "report.md").read_text()
+    assert json.loads((out / "report" / "report.json").read_text())["verify_passed"] is False
 
 
 def _cli(args: list[str], *, kill: str | None = None) -> subprocess.CompletedProcess:

@@ -22,6 +22,7 @@ FLAG_HELP = {  # the recipe keys that are flags too (all others: --config only);
     "checkpoint_every": (int, "distillation steps between checkpoints (default 100)"),
     "exporter": (str, "torch.onnx exporter: dynamo (default) or torchscript"),
     "verify_steps": (int, "denoising steps of the parity check (default 10)"),
+    "min_psnr": (float, "verify's PSNR floor in dB (default: verify's own gate)"),
     "bench_iterations": (int, "timed calls per round (default 10)"),
     "bench_repeats": (int, "interleaved teacher/student rounds (default 3)"),
     "threads": (int, "intra-op threads of the runtime for verify and bench"),

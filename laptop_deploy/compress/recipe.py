@@ -64,6 +64,7 @@ class Recipe:
     exporter: str = "dynamo"
     opset: int = 18
     verify_steps: int = 10
+    min_psnr: float | None = None  # verify's PSNR floor in dB (None: verify's own default gate)
     bench_iterations: int = 10
     bench_warmup: int = 2
     bench_repeats: int = 3

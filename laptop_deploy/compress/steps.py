@@ -203,7 +203,7 @@ def run_verify_bundle(ctx: StageContext, r: Recipe) -> dict[str, Any]:
     from ..deploy.bundle_verify import verify_bundle
     from ..outputs import write_atomically
 
-    result = verify_bundle(ctx.run_dir / "export", steps=r.verify_steps, seeds=(r.seed,))
+    result = verify_bundle(ctx.run_dir / "export", steps=r.verify_steps, seeds=(r.seed,), min_psnr_db=r.min_psnr)
     data = result.as_dict()
     write_atomically(ctx.folder, lambda tmp: (tmp / "parity.json").write_text(json.dumps(data, indent=2) + "\n"),
                      kind="verify", entries=["stage.json"])
@@ -224,8 +224,13 @@ def run_verify(ctx: StageContext, r: Recipe, checked: Checked, *, model_dir: Pat
 
     manifest = check_integrity(artifact)
     source = resolve_model(str(model_dir))
+    tolerances = None
+    if r.min_psnr is not None:  # a fixed floor instead of verify's default (e.g. a stricter release gate)
+        from ..deploy.verify import Tolerances
+
+        tolerances = Tolerances(max_rel_l2=None, min_psnr_db=r.min_psnr)
     result = verify_artifact(artifact, source, runtime=checked.runtime, steps=r.verify_steps, seed=r.seed,
-                             record=False, manifest=manifest, **_runner_options(r))
+                             record=False, manifest=manifest, tolerances=tolerances, **_runner_options(r))
     data = result.as_dict()
     write_atomically(ctx.folder, lambda tmp: (tmp / "parity.json").write_text(json.dumps(data, indent=2) + "\n"),
                      kind="verify", entries=["stage.json"])
@@ -322,7 +327,7 @@ def plan_stages(r: Recipe, checked: Checked, hooks: Hooks, run_dir: Path) -> lis
     verify = (lambda ctx: run_verify_bundle(ctx, r)) if r.pipeline else \
         (lambda ctx: run_verify(ctx, r, checked, model_dir=student_dir, artifact=run_dir / "export"))
     stages.append(Stage("verify", {"runtime": checked.runtime, "steps": r.verify_steps, "seed": r.seed,
-                                   "threads": r.threads, "pipeline": r.pipeline},
+                                   "threads": r.threads, "pipeline": r.pipeline, "min_psnr": r.min_psnr},
                         verify, inputs=(student_stage, "export")))
     stages.append(Stage("bench", {"runtime": checked.runtime, "repeats": r.bench_repeats,
                                   "iterations": r.bench_iterations, "warmup": r.bench_warmup, "threads": r.threads},
