@@ -26,6 +26,7 @@ Calibration is ``--calib`` toy training images with their own captions (``prune 
 
     python benchmarks/bench_quality.py            # the committed results (see the .md for the time it took)
     python benchmarks/bench_quality.py --quick    # ratio 0.5, 48 images, 40 distillation steps: a few minutes
+    python benchmarks/bench_quality.py --matched-macs   # only: output-loss --cost macs at each preset's MAC ratio
 
 writes benchmarks/results/bench_quality[_quick].json, .md, .png (plots) and _samples.png (images).
 """
@@ -459,7 +460,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go")
-    parser.add_argument("--name", help="file stem (default bench_quality or bench_quality_quick)")
+    parser.add_argument("--name", help="file stem (default bench_quality, bench_quality_quick or "
+                                       "bench_quality_matched)")
+    parser.add_argument("--matched-macs", action="store_true",
+                        help="only the matched-compute comparison: output-loss --cost macs at each preset's MAC "
+                             "ratio vs the preset (benchmarks/quality_matched.py)")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -480,7 +485,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             distill_options(args, "l2").validate()
     except LaptopDeployError as exc:
         parser.error(str(exc))
-    args.name = args.name or ("bench_quality_quick" if args.quick else "bench_quality")
+    args.name = args.name or ("bench_quality_matched" if args.matched_macs else
+                              "bench_quality_quick" if args.quick else "bench_quality")
     args.argv = argv
     return args
 
@@ -501,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.matched_macs:
+        return _matched(args)
     try:
         result = run(args)
     except LaptopDeployError as exc:
@@ -520,6 +528,18 @@ def main(argv: list[str] | None = None) -> int:
             path.replace(args.out_dir / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    print(text)
+    return 0
+
+
+def _matched(args: argparse.Namespace) -> int:
+    from quality_matched import matched_markdown, run_matched  # benchmarks/ is on sys.path
+
+    result = run_matched(args)
+    text = matched_markdown(result)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / f"{args.name}.md").write_text(text)
     print(text)
     return 0
 
