@@ -22,6 +22,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     # the ONNX exporter is what the module imports; tensorrt (the [trt] extra) is checked when an engine is built
     "trt": ("laptop_deploy.exporters.tensorrt", "onnx"),
     "coreml": ("laptop_deploy.exporters.coreml", "coreml"),
+    "executorch": ("laptop_deploy.exporters.executorch", "executorch"),
 }
 
 

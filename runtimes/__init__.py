@@ -28,9 +28,11 @@ RUNTIMES: dict[str, tuple[str, str | None]] = {
     "ort": ("laptop_deploy.runtimes.ort:OrtRunner", "onnx"),
     "trt": ("laptop_deploy.runtimes.tensorrt:TensorRTRunner", "trt"),
     "coreml": ("laptop_deploy.runtimes.coreml:CoreMLRunner", "coreml"),
+    "executorch": ("laptop_deploy.runtimes.executorch:ExecuTorchRunner", "executorch"),
 }
 # which runtime loads a target's artifact when --runtime is not given
-DEFAULT_RUNTIME = {"onnx": "ort", "ort-mobile": "ort", "trt": "trt", "coreml": "coreml"}
+DEFAULT_RUNTIME = {"onnx": "ort", "ort-mobile": "ort", "trt": "trt", "coreml": "coreml",
+                   "executorch": "executorch"}
 
 
 class RuntimeMissing(LaptopDeployError):

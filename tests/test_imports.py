@@ -185,8 +185,9 @@ def test_every_module_imports_on_its_own_without_side_effects():
     bad = {name: r["problems"] for name, r in report.items() if r.get("problems")}
     assert bad == {}
     skipped = {name: r["skipped"] for name, r in report.items() if "skipped" in r}
-    # only optional targets may be missing (TensorRT cannot be installed here); everything else must import
-    assert all(name.endswith("tensorrt") for name in skipped), skipped
+    # only optional targets may be missing (TensorRT cannot be installed here; ExecuTorch is an opt-in extra, not
+    # in the default install: see README); everything else must import
+    assert all(name.endswith(("tensorrt", "executorch")) for name in skipped), skipped
 
 
 def test_every_subpackage_is_installed():

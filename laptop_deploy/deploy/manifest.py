@@ -39,7 +39,7 @@ MANIFEST = "manifest.json"
 FORMAT = "laptop-deploy-artifact"
 FORMAT_VERSION = 1
 TOOLS = ("torch", "diffusers", "transformers", "numpy", "onnx", "onnxruntime", "onnxscript", "onnxslim",
-         "coremltools", "tensorrt")
+         "coremltools", "tensorrt", "executorch")
 
 
 class ArtifactError(LaptopDeployError):
