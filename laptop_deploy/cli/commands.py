@@ -185,7 +185,8 @@ def distill(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         data = image_data(teacher, args.data, latent_size=latent_size, cache_dir=args.cache_dir,
                           progress=_counter_bar)
     run = prepare_run(teacher, student, data, options, args.out, progress=_step_bar())
-    if not args.resume:
+    run.device()  # --mixed-precision on the CPU: exit 2 before the run folder exists
+    if not args.resume and run.env.main:  # rank 0 alone replaces the folder (the others never write there)
         start_run_folder(args.out, force=args.force)
     summary = distill(run, resume=args.resume)
     if not run.env.main:

@@ -171,12 +171,17 @@ class DistillRun:
             return self.options.lambda_task
         return 0.0 if self.data.latent_mean is None else 1.0
 
+    def device(self) -> torch.device:
+        """The training device; mixed precision on the CPU is refused (the CLI asks before making the run folder)."""
+        device = pick_device(self.options.device, self.env)
+        if device.type == "cpu" and self.options.mixed_precision != "no":
+            raise DistillError(f"--mixed-precision {self.options.mixed_precision} needs a CUDA GPU; on the CPU "
+                               f"training runs in fp32 (--mixed-precision no)")
+        return device
+
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         opts, env = self.options, self.env
-        device = pick_device(opts.device, env)
-        if device.type == "cpu" and opts.mixed_precision != "no":
-            raise DistillError(f"--mixed-precision {opts.mixed_precision} needs a CUDA GPU; on the CPU training "
-                               f"runs in fp32 (--mixed-precision no)")
+        device = self.device()
         amp = MIXED_PRECISION[opts.mixed_precision]
         if env.world_size > 1:
             _init_distributed(device)
