@@ -35,8 +35,10 @@ from ..deploy.spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
 from .console import peak_rss_mb, quiet
 from .onnx_files import DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT, save_onnx
 from .onnx_fp16 import convert_to_fp16
+from .onnx_int8 import INT8_PRECISIONS, Int8Options, quantize_onnx
 
 EXPORTERS = ("dynamo", "torchscript")
+PRECISIONS = ("fp32", "fp16", *INT8_PRECISIONS)  # what --precision may be for this target
 MIN_OPSET = 18
 _ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
                "int32": onnx.TensorProto.INT32, "int64": onnx.TensorProto.INT64}  # int: token ids (bundles)
@@ -53,11 +55,12 @@ class OnnxOptions:
     exporter: str = "dynamo"
     opset: int = MIN_OPSET
     slim: bool = False
+    int8: Int8Options = Int8Options()  # calibration and gate of --precision int8 / int8-weights (onnx_int8.py)
 
     @classmethod
     def from_args(cls, args: Any) -> OnnxOptions:
         """The options of ``laptop-deploy export`` (every exporter's Options has this constructor)."""
-        return cls(exporter=args.exporter, opset=args.opset, slim=args.slim)
+        return cls(exporter=args.exporter, opset=args.opset, slim=args.slim, int8=Int8Options.from_args(args))
 
     def check(self) -> None:
         if self.exporter not in EXPORTERS:
@@ -67,6 +70,7 @@ class OnnxOptions:
         if self.slim and importlib.util.find_spec("onnxslim") is None:
             raise ExportError("--slim needs the package 'onnxslim', which is not installed: "
                               "pip install 'laptop-deploy[onnx]'")
+        self.int8.check()
 
 
 Options = OnnxOptions  # every exporter module names its options class `Options`
@@ -107,13 +111,16 @@ def finish_artifact(fp32: Path, unet: nn.Module, spec: ExportSpec, out_dir: Path
                                           upcast_attention=bool(getattr(unet.config, "upcast_attention", False)))
             path = save_onnx(model, stage / "fp16" / MODEL_FILE)
             del model
+        if spec.precision in INT8_PRECISIONS:
+            path, info = quantize_onnx(path, unet, spec, stage / "int8", source=source, options=options.int8)
         for item in path.parent.iterdir():
             if item.name in (MODEL_FILE, DATA_FILE):
                 (shutil.copy2 if path == fp32 and not consume else shutil.move)(str(item), out_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     check_onnx(out_dir / MODEL_FILE, spec)
-    export_info = {**asdict(options), "seconds": round(time.perf_counter() - started, 2),
+    export_info = {**{k: v for k, v in asdict(options).items() if k != "int8"},  # int8: in `info` when used
+                   "seconds": round(time.perf_counter() - started, 2),
                    "weight_bytes": _weight_bytes(unet), "peak_rss_mb": round(peak_rss_mb(), 1), **info}
     manifest = Manifest(target="onnx", precision=spec.precision, model_file=MODEL_FILE, spec=spec,
                         source=source, files=describe_files(out_dir), tools=tool_versions(), export=export_info)

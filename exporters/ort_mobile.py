@@ -24,7 +24,7 @@ from torch import nn
 
 from ..deploy.manifest import Manifest, describe_files, tool_versions, write_manifest
 from ..deploy.spec import ExportSpec
-from .onnx import MODEL_FILE, ExportError, OnnxOptions, peak_rss_mb
+from .onnx import MODEL_FILE, PRECISIONS, ExportError, OnnxOptions, peak_rss_mb  # noqa: F401 - PRECISIONS: same
 
 ORT_FILE = "model.ort"
 FLATBUFFER_LIMIT = 2**31 - 2**26
@@ -37,7 +37,7 @@ def export(unet: nn.Module, spec: ExportSpec, out_dir: Path, *, source: dict[str
     from . import onnx as onnx_target
 
     options.check()
-    bytes_per_weight = 2 if spec.precision == "fp16" else 4
+    bytes_per_weight = {"fp16": 2, "int8": 1, "int8-weights": 1}.get(spec.precision, 4)
     weight_bytes = sum(p.numel() for p in unet.parameters()) * bytes_per_weight
     if weight_bytes > FLATBUFFER_LIMIT:
         raise ExportError(f"ort-mobile: the ORT format is one flatbuffer limited to 2 GiB; this model has "
@@ -51,7 +51,7 @@ def export(unet: nn.Module, spec: ExportSpec, out_dir: Path, *, source: dict[str
         converted = convert_to_ort(stage / MODEL_FILE, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    export_info = {**onnx_manifest.export, **asdict(options),
+    export_info = {**onnx_manifest.export, **{k: v for k, v in asdict(options).items() if k != "int8"},
                    "onnx_sha256": onnx_manifest.files[MODEL_FILE]["sha256"],
                    "ort_optimization": "all (NchwcTransformer excluded: portable to ARM)",
                    "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}

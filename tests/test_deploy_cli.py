@@ -48,7 +48,7 @@ def _one_line_exit_2(capsys, argv, message):
     (["--target", "onnx", "--height", "20"], "latent height 20 is not a positive multiple of 8 (this U-Net "
                                              "downsamples 3 times); nearest valid: 16 or 24"),
     (["--target", "onnx", "--width", "4", "--dynamic"], "nearest valid: 8"),
-    (["--target", "onnx", "--precision", "int8"], "argument --precision: invalid choice: 'int8'"),
+    (["--target", "onnx", "--precision", "int4"], "argument --precision: invalid choice: 'int4'"),
     (["--target", "onnx", "--opset", "17"], "opset 17 is below the minimum 18"),
     (["--target", "onnx", "--batch", "0"], "batch 0 must be at least 1"),
     (["--target", "onnx", "--exporter", "torchscript", "--opset", "25"],

@@ -56,8 +56,8 @@ def test_invalid_latent_size_names_the_nearest_valid(make_source, height, width,
 
 def test_invalid_precision_and_batch(make_source):
     config = make_source("random:tiny-sd15").unet.config
-    with pytest.raises(SpecError, match="precision 'int8' is not supported; valid: fp32, fp16"):
-        build_spec(config, precision="int8")
+    with pytest.raises(SpecError, match="precision 'int4' is not supported; valid: fp32, fp16, int8, int8-weights"):
+        build_spec(config, precision="int4")
     with pytest.raises(SpecError, match="batch 0 must be at least 1"):
         build_spec(config, batch=0)
 

@@ -24,14 +24,14 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     prepare_output(args.out, force=args.force)
     exporter = get_exporter(args.target)
-    options = exporter.Options.from_args(args)
-    if getattr(args, "dry_run", False) and not getattr(options, "dry_run", False):
-        raise LaptopDeployError(f"--dry-run is supported by --target trt only, not '{args.target}'")
-    options.check()
     supported = getattr(exporter, "PRECISIONS", ("fp32", "fp16"))  # int8 only where the exporter declares it
     if args.precision and args.precision not in supported:
         raise LaptopDeployError(f"--precision {args.precision} is not supported by --target {args.target}; "
                                 f"valid: {', '.join(supported)}")
+    options = exporter.Options.from_args(args)
+    if getattr(args, "dry_run", False) and not getattr(options, "dry_run", False):
+        raise LaptopDeployError(f"--dry-run is supported by --target trt only, not '{args.target}'")
+    options.check()
     # The spec (and the latent-size check) needs only the config: resolve on the meta device first.
     source = resolve_model(args.model, materialize=False, seed=args.seed, allow_pickle=args.allow_pickle)
     spec = build_spec(source.unet.config, batch=args.batch, height=args.height, width=args.width,
@@ -165,4 +165,9 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     env = data["environment"]
     text = (f"{format_table(results)}\n{data['batch']}x{spec.height}x{spec.width} latent, {args.iterations} "
             f"iterations after {args.warmup} warm-up; {env['cpu']}, {env['logical_cores']} logical cores")
+    data["precision"] = manifest.precision
+    if "int8_psnr_db" in manifest.export:  # issue 17: what the int8 speed was bought with
+        data["int8"] = {k: manifest.export.get(f"int8_{k}") for k in ("psnr_db", "float_mac_share", "kernels")}
+        text += (f"\nint8: held-out PSNR {data['int8']['psnr_db']} dB vs fp32 at export, "
+                 f"{100 * (data['int8']['float_mac_share'] or 0):.1f}% of MACs kept float")
     return data, text

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import LaptopDeployError
 from ..models.unet_io import TEXT_TOKENS, added_cond_dims, check_latent_size, downsample_factor, sdxl_time_ids
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")  # int8 graphs keep float32 inputs and outputs
 FP32_INPUTS = ("timestep", "time_ids")  # float32 in every precision (see the module docstring)
 OUTPUT_NAME = "out_sample"
 VAE_FACTOR = 8  # image pixels per latent pixel, for SDXL's time_ids

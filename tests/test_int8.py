@@ -1,0 +1,178 @@
+"""int8 export (exporters/onnx_int8.py): the quality gate, the manifest records, int8 verify/bench through the CLI,
+bad options. Tiny models only: the gate's sensitivity scan over every node group is ``slow``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+
+from deploy_fixtures import torch_threads  # noqa: E402
+from laptop_deploy.cli.main import main  # noqa: E402
+from laptop_deploy.deploy.manifest import read_manifest  # noqa: E402
+from laptop_deploy.deploy.spec import build_spec  # noqa: E402
+from laptop_deploy.errors import CheckFailed  # noqa: E402
+from laptop_deploy.exporters.int8_graph import INT8_KERNELS, node_groups, unit_of, weights_only  # noqa: E402
+from laptop_deploy.exporters.onnx_int8 import Int8Options, keep_float, quantize_onnx  # noqa: E402
+
+FAST = {"calib_prompts": "1", "calib_steps": 2}  # 2 calibration loops (prompt + empty) of 2 steps: 4 inputs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory):
+    """`export --precision int8` of random:tiny-sd15 with a forced-low gate (everything quantized), via the CLI."""
+    out = tmp_path_factory.mktemp("int8") / "art"
+    code = main(["export", "--model", "random:tiny-sd15", "--target", "onnx", "--exporter", "torchscript",
+                 "--precision", "int8", "--min-psnr", "0", "--calib-prompts", "1", "--calib-steps", "2",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    return out
+
+
+def test_forced_low_gate_quantizes_everything_and_records_it(int8_artifact):
+    manifest = read_manifest(int8_artifact)
+    info = manifest.export
+    assert manifest.precision == "int8" and manifest.spec.precision == "int8"
+    assert info["int8_kept_float_nodes"] == [] and info["int8_kept_float_groups"] == []
+    assert info["int8_float_mac_share"] == 0.0 and info["int8_macs"] > 0
+    assert info["int8_quantized_nodes"] > 40  # every Conv / MatMul / Gemm of tiny-sd15
+    assert 5.0 < info["int8_psnr_db"] < 80.0 and info["int8_min_psnr_db"] == 0.0
+    assert info["int8_calibration"]["calibration_inputs"] == 4 and info["int8_calibration"]["held_out_inputs"] == 2
+    assert info["int8_gate_log"] == [{"kept_float": None, "psnr_db": info["int8_psnr_db"], "float_mac_share": 0.0}]
+    # ORT's CPU EP really runs integer kernels: QDQ pairs around Conv became QLinearConv
+    assert info["int8_kernels"].get("QLinearConv", 0) > 10, info["int8_kernels"]
+    assert sum(info["int8_kernels"].get(k, 0) for k in INT8_KERNELS) > 40
+    graph = onnx.load(str(int8_artifact / "model.onnx")).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 40
+    assert {i.name for i in graph.input} == {"sample", "timestep", "encoder_hidden_states"}
+
+
+def test_int8_verify_states_its_thresholds(int8_artifact, capsys):
+    code, out, _ = run(capsys, "verify", str(int8_artifact), "--model", "random:tiny-sd15", "--steps", "4",
+                       "--json")
+    data = json.loads(out)
+    floor = data["tolerances"]["min_psnr_db"]
+    assert data["tolerances"]["max_rel_l2"] is None and 0 < floor <= 30
+    assert data["psnr_db"] is not None and code == (0 if data["passed"] else 1)
+    assert data["passed"] == (data["psnr_db"] >= floor and data["e2e_psnr_db"] >= floor)
+    code, out, _ = run(capsys, "verify", str(int8_artifact), "--model", "random:tiny-sd15", "--steps", "4")
+    assert "(int8)" in out and f"min_psnr_db {floor:g}" in out  # the threshold is stated
+
+
+def test_int8_bench_through_the_cli(int8_artifact, capsys):
+    code, out, _ = run(capsys, "bench", str(int8_artifact), "--iterations", "2", "--warmup", "1", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["runners"][-1]["p50_ms"] > 0 and data["precision"] == "int8"
+    assert data["int8"]["float_mac_share"] == 0 and data["int8"]["kernels"]["QLinearConv"] > 10
+    assert read_manifest(int8_artifact).results["latency"]["p50_ms"] == data["p50_ms"]
+
+
+def test_impossible_gate_fails_with_the_psnr_it_reached(tiny_onnx_fp32, tmp_path):
+    source, folder = tiny_onnx_fp32
+    spec = build_spec(source.unet.config, precision="int8")
+    options = Int8Options(**FAST, min_psnr=150.0, max_float_share=0.0)
+    with pytest.raises(CheckFailed, match=r"held-out PSNR \d+\.\d\d dB < --min-psnr 150 dB with 0 of \d+ node "
+                                          r"groups float \(0\.0% of MACs; --max-float-share 0\)") as info:
+        quantize_onnx(folder / "model.onnx", source.unet, spec, tmp_path, source=source.describe(), options=options)
+    assert info.value.exit_code == 1
+
+
+def test_weights_only_int8_is_quarter_size_and_close(tiny_onnx_fp32, tmp_path):
+    source, folder = tiny_onnx_fp32
+    spec = build_spec(source.unet.config, precision="int8-weights")
+    path, info = quantize_onnx(folder / "model.onnx", source.unet, spec, tmp_path, source=source.describe(),
+                               options=Int8Options(**FAST))
+    assert info["int8_weight_tensors"] > 40 and info["int8_psnr_db"] >= 30.0
+    assert path.stat().st_size < 0.35 * (folder / "model.onnx").stat().st_size
+    assert info["int8_kernels"].get("DequantizeLinear", 0) > 0  # int8 weights dequantized at run time
+
+
+def test_weights_only_round_trip_is_within_half_a_step():
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", 1, [1, 4, 5, 5])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, None)],
+                                   [onnx.numpy_helper.from_array(w, "w")])
+    model, counts = weights_only(onnx.helper.make_model(graph))
+    assert counts == {"int8_weight_tensors": 1, "int8_weights": w.size}
+    q = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w_int8"))
+    scale = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w_scale"))
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and scale.shape == (8,)
+    assert np.abs(q * scale[:, None, None, None] - w).max() <= scale.max() / 2 + 1e-7
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Conv"]
+
+
+def test_keep_float_adds_most_sensitive_groups_until_the_gate_passes():
+    shares = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
+    gains = {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}
+    evaluate = lambda kept: 25.0 + sum(gains[g] for g in kept)  # noqa: E731 - PSNR grows as groups turn float
+    kept, psnr, log = keep_float(["a", "b", "c", "d"], shares, evaluate, start_db=25.0, min_psnr=30.0,
+                                 max_share=0.5)
+    assert kept == ["a", "b"] and psnr == 32.0
+    assert [e["kept_float"] for e in log] == [None, "a", "b"] and log[-1]["float_mac_share"] == pytest.approx(0.3)
+    kept, psnr, _ = keep_float(["a", "b", "c", "d"], shares, evaluate, start_db=25.0, min_psnr=40.0, max_share=0.5)
+    assert kept == ["a", "b"] and psnr == 32.0  # c would make 60% of MACs float: stop below the gate
+    assert keep_float(["a"], shares, evaluate, start_db=31.0, min_psnr=30.0, max_share=1.0)[0] == []
+
+
+def test_node_groups_follow_unet_units_and_split_attention_scores():
+    assert unit_of("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == "down_blocks.1.attentions.0"
+    assert unit_of("mid_block.resnets.1.conv2") == "mid_block.resnets.1"
+    assert unit_of("time_embedding.linear_1") == "time_embedding" and unit_of("") == "graph"
+    w = onnx.numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["q"], name="/unet/down_blocks.0/attentions.0/to_q/MatMul"),
+             onnx.helper.make_node("MatMul", ["q", "k"], ["s"], name="/unet/down_blocks.0/attentions.0/attn/MatMul"),
+             onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="/unet/conv_in/Conv"),
+             onnx.helper.make_node("Add", ["y", "y"], ["z"], name="/unet/conv_in/Add")]
+    graph = onnx.helper.make_graph(nodes, "g", [], [], [w])
+    assert node_groups(graph) == {"down_blocks.0.attentions.0": ["/unet/down_blocks.0/attentions.0/to_q/MatMul"],
+                                  "down_blocks.0.attentions.0:scores": ["/unet/down_blocks.0/attentions.0/attn/MatMul"],
+                                  "conv_in": ["/unet/conv_in/Conv"]}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--target", "trt", "--precision", "int8"], "--precision int8 is not supported by --target trt"),
+    (["--target", "onnx", "--precision", "int8", "--calib-steps", "1"], "--calib-steps 1: need at least 2"),
+    (["--target", "onnx", "--calib-steps", "4"], "--calib-steps: only with --precision int8 or int8-weights"),
+    (["--target", "onnx", "--precision", "int8", "--calib-prompts", "/nonexistent"],
+     "--calib-prompts /nonexistent: neither a count nor a readable prompt file"),
+    (["--target", "onnx", "--precision", "int8", "--max-float-share", "2"], "--max-float-share 2.0: must lie in"),
+    (["--target", "onnx", "--precision", "int8", "--calib-method", "kl"], "invalid choice: 'kl'"),
+])
+def test_bad_int8_options_exit_2_before_loading(capsys, tmp_path, extra, message):
+    code, out, err = run(capsys, "export", "--model", "random:tiny-sd15", *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_gate_keeps_the_most_sensitive_groups_float(tiny_onnx_fp32, tmp_path):
+    """The whole loop: scan every group alone, keep the worst float until a gate between the all-int8 PSNR and
+    fp32 passes (tiny-sd15's random weights: about 29 dB all-int8)."""
+    source, folder = tiny_onnx_fp32
+    spec = build_spec(source.unet.config, precision="int8")
+    options = Int8Options(**FAST, min_psnr=40.0, max_float_share=0.9)
+    path, info = quantize_onnx(folder / "model.onnx", source.unet, spec, tmp_path, source=source.describe(),
+                               options=options)
+    sensitivity = info["int8_group_sensitivity_db"]
+    assert info["int8_gate_log"][0]["psnr_db"] < 40.0 <= info["int8_psnr_db"]
+    assert info["int8_kept_float_groups"] == list(sensitivity)[:len(info["int8_kept_float_groups"])]
+    assert 0 < info["int8_float_mac_share"] <= 0.9 and info["int8_kept_float_nodes"]
+    shutil.rmtree(tmp_path, ignore_errors=True)
