@@ -127,8 +127,9 @@ def headline(args: argparse.Namespace, bench: Bench, result: dict[str, Any], sav
                       target_ratio=0.5, removed=list(r["final"]), joint_output_loss=r["final_joint"])
     if args.part == "retrain":  # the third process: the same two sets, retrained under one budget
         for base in (one, refined):
-            bench.retrain(base, "l2")
-            save()
+            if args.retrain_only in (None, base.kind):
+                bench.retrain(base, "l2")
+                save()
         return
     for variant in (one, refined):
         bench.judge(variant, make_student(copy.deepcopy(bench.teacher.unet), list(variant.removed)))
@@ -292,6 +293,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--part", choices=PARTS, required=True, help="the seed sweep or the headline comparison")
     parser.add_argument("--seeds", type=int, help="calibration seeds 0..K-1 at ratio 0.5 of params")
     parser.add_argument("--other-seeds", type=int, help="calibration seeds at the other ratio / cost pairs")
+    parser.add_argument("--retrain-only", choices=("one-shot", "refined"),
+                        help="part retrain: only this set (two processes side by side halve the wall time)")
     parser.add_argument("--refine", type=int, default=2, help="refinement rounds (default 2)")
     parser.add_argument("--per-prompt", type=int, help="seeds per held-out prompt for the headline (24 prompts)")
     parser.add_argument("--sweep-per-prompt", type=int, help="seeds per held-out prompt in the seed sweep")

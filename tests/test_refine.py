@@ -160,11 +160,16 @@ def test_captioned_images_condition_on_their_own_captions(make_source, tmp_path,
 
 
 def test_cli_prune_refine_writes_both_records(capsys, tmp_path):
-    code = main(["prune", "--model", "random:tiny-sd15", "--ratio", "0.5", "--calib", "2", "--additivity-sets", "0",
-                 "--refine", "1", "--calib-seeds", "2", "--steps", "5", "--out", str(tmp_path / "s"), "--json"])
+    """Through the CLI, and in MACs: the refinement takes whatever cost vector the plan uses."""
+    code = main(["prune", "--model", "random:tiny-sd15", "--ratio", "0.5", "--cost", "macs", "--calib", "2",
+                 "--additivity-sets", "0", "--refine", "1", "--calib-seeds", "2", "--steps", "5",
+                 "--out", str(tmp_path / "s"), "--json"])
     out, _ = capsys.readouterr()
-    assert code == 0 and json.loads(out)["removed"]
+    result = json.loads(out)
+    assert code == 0 and result["macs_ratio_achieved"] >= 0.5
+    assert result["refinement"]["final_joint"] <= result["refinement"]["one_shot_joint"]
     plan = json.loads((tmp_path / "s" / "pruning_plan.json").read_text())
+    assert plan["removed"] == plan["refinement"]["final"]
     assert plan["refinement"]["rounds"] and plan["stability"]["seeds"] == [0, 1]
     assert plan["calibration"]["timestep_schedule"].startswith("stratified over the 5-step schedule")
     report = (tmp_path / "s" / "pruning_report.md").read_text()
