@@ -51,8 +51,19 @@ def _profile_teacher(unet, source, spec, work: Path, args) -> tuple[object, dict
     from laptop_deploy.deploy.latency_table import plot_shares, save_table, table_markdown
     from laptop_deploy.deploy.profile import ProfileOptions, profile_artifact_file
 
-    info = export_variants(unet, spec, {"teacher": []}, work, exporter=args.exporter)["teacher"]
+    if args.teacher_artifact is not None:  # an export of this same teacher kept from an earlier (killed) run
+        from laptop_deploy.deploy.manifest import check_integrity
+
+        manifest = check_integrity(args.teacher_artifact)
+        info = {"path": str(args.teacher_artifact / manifest.model_file), "export_s": manifest.export["seconds"]}
+    else:
+        info = export_variants(unet, spec, {"teacher": []}, work, exporter=args.exporter)["teacher"]
     say(f"teacher exported in {info['export_s']} s; profiling it in onnxruntime")
+    if args.table is not None:  # the profile an earlier run of this script wrote for this same teacher export
+        from laptop_deploy.deploy.latency_table import load_table
+
+        table = load_table(args.table)
+        return table, {"export_s": info["export_s"], "profile_s": table.extra["profile_s"], "path": info["path"]}
     options = ProfileOptions(runtime="ort", repeats=args.repeats, threads=args.threads)
     setting = {"runtime": "ort", "precision": "fp32", "latent_size": list(args.latent), "batch": args.batch,
                "repeats": args.repeats, "warmup": options.warmup}
@@ -81,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip the eager PyTorch rows (bench_runtimes)")
     parser.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"),
                         help="ONNX exporter for every variant (default torchscript: minutes faster here)")
+    parser.add_argument("--variants", nargs="+", help="a subset of the variants (default: all of --ratios)")
+    parser.add_argument("--teacher-artifact", type=Path,
+                        help="reuse this exported teacher (its manifest's export seconds are reported)")
+    parser.add_argument("--table", type=Path, help="with --teacher-artifact: its latency table from an earlier run")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go (default results/)")
     parser.add_argument("--work", type=Path, help="folder for the exported variants (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -106,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"profile {timing['profile_s']} s vs export {timing['export_s']} s; step {table.step:.0f} ms")
         scored = load_or_score(source, model=args.model, seed=0, calib=args.calib, latent=args.score_latent,
                                cache=args.results / "sd15_scores.json")
-        variants = _variants(args.ratios)
-        sets = removal_sets(unet, scored["scores"], table=table, latent=args.latent, variants=variants)
+        sets = removal_sets(unet, scored["scores"], table=table, latent=args.latent,
+                            variants=args.variants or _variants(args.ratios))
+        variants = list(sets)
         exports = {"teacher": {"path": timing["path"], "export_s": timing["export_s"]}}
         exports |= export_variants(unet, spec, {k: v for k, v in sets.items() if k != "teacher"}, work,
                                    exporter=args.exporter)
@@ -117,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       args.threads), feeds, repeats=args.repeats, progress=say)
         torch_times = {}
         if not args.no_torch:
-            say(f"timing {RUNTIME_VARIANTS} in torch eager, {args.repeats} interleaved rounds")
-            torch_times = measure_interleaved({k: (lambda r=sets[k]: torch_runner(unet, spec, r))
-                                               for k in RUNTIME_VARIANTS}, feeds, repeats=args.repeats,
-                                              progress=say)
+            names = [k for k in RUNTIME_VARIANTS if k in sets]
+            say(f"timing {names} in torch eager, {args.repeats} interleaved rounds")
+            torch_times = measure_interleaved({k: (lambda r=sets[k]: torch_runner(unet, spec, r)) for k in names},
+                                              feeds, repeats=args.repeats, progress=say)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -146,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "score": {k: scored[k] for k in ("key", "seconds", "forward_passes")},
             "profile_s": timing["profile_s"], "teacher_export_s": timing["export_s"], "exporter": args.exporter,
             "table": "benchmarks/results/sd15_latency_table.json", "rows": rows,
+            "reused": {"teacher_artifact": str(args.teacher_artifact) if args.teacher_artifact else None,
+                       "table": str(args.table) if args.table else None},
             "load_average": {"before": before, "after": after}, "environment": environment()}
     data["warning"] = busy_warning(before, after, data["environment"]["logical_cores"])
     (args.results / "bench_latency.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -172,9 +190,14 @@ def _markdown(data: dict) -> str:
               f"sets) and reused for every cost unit and ratio; costs (params, MACs, measured ms) are those of the "
               f"{data['latent'][0]}x{data['latent'][1]} shape. Latency table: `{data['table']}`.", "",
               f"Profiling the teacher in ONNX Runtime took **{data['profile_s']} s**; exporting it took "
-              f"**{data['teacher_export_s']} s** ({data['exporter']} exporter, every variant). Load average before / after: {data['load_average']['before']} / "
-              f"{data['load_average']['after']}.", "",
-              "| variant | params × | MACs × | predicted latency × | measured latency × (min–max) | error |",
+              f"**{data['teacher_export_s']} s** ({data['exporter']} exporter, every variant). Load average "
+              f"before / after: {data['load_average']['before']} / {data['load_average']['after']}.", ""]
+    if data["reused"]["teacher_artifact"]:
+        lines += [f"The teacher's export and profile were made by an earlier run of this script (same model, seed "
+                  f"and settings; its export seconds come from the artifact's manifest, the profile from "
+                  f"`{data['reused']['table']}`), which was stopped after scoring to fit the time left; this run "
+                  f"reused both.", ""]
+    lines += ["| variant | params × | MACs × | predicted latency × | measured latency × (min–max) | error |",
               "|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         lo, hi = r["measured_ratio_min_max"]

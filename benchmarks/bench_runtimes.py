@@ -30,7 +30,8 @@ def write_results(run: dict, sets: dict[str, list[str]], sizes: dict[str, dict[s
                   torch_times: dict[str, dict], ort_times: dict[str, dict], out: Path) -> None:
     """bench_runtimes.{json,md} from one interleaved run (``run`` carries command, model, load, environment)."""
     rows = []
-    for name in VARIANTS:
+    names = [name for name in VARIANTS if name in torch_times and name in ort_times]
+    for name in names:
         for runtime, times in (("torch eager", torch_times), ("onnxruntime cpu", ort_times)):
             base = times["teacher"]["median_ms"]
             rows.append({"variant": name, "runtime": runtime, **times[name],
@@ -43,7 +44,7 @@ def write_results(run: dict, sets: dict[str, list[str]], sizes: dict[str, dict[s
     data["score"] = run["score"]
     data["rows"] = rows
     data["ort_vs_torch"] = {name: round(ort_times[name]["median_ms"] / torch_times[name]["median_ms"], 4)
-                            for name in VARIANTS}
+                            for name in names}
     (out / "bench_runtimes.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "bench_runtimes.md").write_text(_markdown(data))
 

@@ -79,6 +79,9 @@ def removal_sets(unet: Any, scores: dict[str, float], *, table: Any, latent: tup
         else:
             cost, ratio = name.split("@")
             cost_of, total = costs[cost]
+            if float(ratio) > sum(cost_of.values()) / total:  # prune refuses it too: say so, do not fake it
+                say(f"{name}: only {sum(cost_of.values()) / total:.3f} of the {cost} lies in prunable units; skipped")
+                continue
             sets[name] = [x.name for x in select_layers(layers, scores, cost_of, total, float(ratio), [])]
     return sets
 

@@ -177,14 +177,21 @@ def summarise(runs: list[dict[str, Any]], *, unet: nn.Module, latent_size: tuple
     layers, removed = discover_layers(unet)
     macs = count_macs(unet, height=latent_size[0], width=latent_size[1])
     step = [r["run_ms"] for r in runs]
+    median_step = statistics.median(step)
+    # A unit's time is its median *share* of each run (of the kernel time in ort, of the call in torch) times the
+    # median step: on a shared machine preemption lands on random kernels, and per-unit medians of raw ms would
+    # filter it out of every unit while the step keeps it, biasing "step − Σ removed" towards the teacher.
+    bases = [r.get("kernel_ms") or r["run_ms"] for r in runs]
     units = []
     for layer in layers:
-        values = [r["units"].get(layer.name, 0.0) for r in runs]
+        shares = [r["units"].get(layer.name, 0.0) / base for r, base in zip(runs, bases)]
         units.append(UnitTime(name=layer.name, kind=layer.kind, stage=layer.stage, prunable=layer.prunable,
-                              params=layer.params, macs=macs.get(layer.name, 0), ms=round(statistics.median(values), 4),
-                              ms_min=round(min(values), 4), ms_max=round(max(values), 4), parent=layer.parent))
-    categories = {k: round(statistics.median(r["ops"].get(k, 0.0) for r in runs), 4)
-                  for k in ("conv", "matmul/attention", "norm", "elementwise", "other")}
+                              params=layer.params, macs=macs.get(layer.name, 0),
+                              ms=round(statistics.median(shares) * median_step, 4),
+                              ms_min=round(min(shares) * median_step, 4), ms_max=round(max(shares) * median_step, 4),
+                              parent=layer.parent))
+    categories = {k: round(statistics.median(r["ops"].get(k, 0.0) / base for r, base in zip(runs, bases))
+                           * median_step, 4) for k in ("conv", "matmul/attention", "norm", "elementwise", "other")}
     return {"step_ms": {"median": round(statistics.median(step), 4), "min": round(min(step), 4),
                         "max": round(max(step), 4), "runs": [round(s, 4) for s in step]},
             "units": units, "op_types": categories, "removed": removed,
@@ -227,7 +234,8 @@ def profile_unet(unet: nn.Module, *, model: dict[str, Any], options: ProfileOpti
         runs = profile_torch(unet, spec, repeats=options.repeats, warmup=options.warmup)
         setting.update(threads=torch.get_num_threads(), providers=["torch-cpu"])
         return make_table(runs, unet=unet, model=model, setting=setting, load_before=load,
-                          method="torch forward hooks on the units Removed replaces (inclusive wall-clock per call)",
+                          method="torch forward hooks on the units Removed replaces (inclusive wall-clock share of "
+                                 "each call x the median step)",
                           extra={"profile_s": round(time.perf_counter() - start, 2)})
     from ..exporters.onnx import OnnxOptions, export
 
@@ -253,7 +261,8 @@ def profile_artifact_file(path: Path, spec: Any, *, unet: nn.Module, model: dict
     setting = {**setting, "providers": info["providers"], "threads": info["intra_op_threads"],
                "graph_optimization": info["graph_optimization"]}
     return make_table(runs, unet=unet, model=model, setting=setting, load_before=load_before,
-                      method="onnxruntime profiler: kernel times summed per module path (exporter name scopes)",
+                      method="onnxruntime profiler: kernel times summed per module path (exporter name scopes), "
+                             "share of each run's kernel time x the median step",
                       extra={"profile_s": round(time.perf_counter() - start, 2),
                              "inferred_ms_median": round(info["inferred_ms_median"], 4)})
 

@@ -77,7 +77,7 @@ def _torch_variant(unet: Any, spec: Any, layers: list[Any]) -> Iterator[Any]:
         yield runner
 
 
-def measure_student(unet: Any, removed: list[str], summary: dict[str, Any], *, repeats: int = 3,
+def measure_student(unet: Any, removed: list[str], summary: dict[str, Any], *, repeats: int = 3, calls: int = 1,
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the teacher ``unet`` and its student without ``removed`` interleaved (``repeats`` rounds) in the
     setting of ``summary`` (:func:`latency_summary`: the table's setting and its prediction); the student is the teacher with the units bypassed (the removal mechanism), so
@@ -95,17 +95,19 @@ def measure_student(unet: Any, removed: list[str], summary: dict[str, Any], *, r
     if setting["runtime"] == "torch":
         variants = {"teacher": lambda: _torch_variant(unet, spec, []),
                     "student": lambda: _torch_variant(unet, spec, layers)}
-        times = measure_interleaved(variants, spec.example_feeds(seed=0), repeats=repeats, progress=progress)
+        times = measure_interleaved(variants, spec.example_feeds(seed=0), repeats=repeats, calls=calls,
+                                    progress=progress)
     else:
         with tempfile.TemporaryDirectory(prefix="ld-measure.") as tmp:
             variants = _ort_variants(unet, spec, layers, Path(tmp), setting, progress)
-            times = measure_interleaved(variants, spec.example_feeds(seed=0), repeats=repeats, progress=progress)
+            times = measure_interleaved(variants, spec.example_feeds(seed=0), repeats=repeats, calls=calls,
+                                        progress=progress)
     teacher, student = times["teacher"]["median_ms"], times["student"]["median_ms"]
     measured_ratio = student / teacher
     predicted_ratio = summary["predicted_ratio"]
     return {"teacher": times["teacher"], "student": times["student"], "measured_ratio": round(measured_ratio, 6),
             "predicted_ratio": round(predicted_ratio, 6),
-            "prediction_error": round(predicted_ratio / measured_ratio - 1, 6), "repeats": repeats,
+            "prediction_error": round(predicted_ratio / measured_ratio - 1, 6), "repeats": repeats, "calls": calls,
             "load_average": {"before": [round(x, 2) for x in load_before],
                              "after": [round(x, 2) for x in os.getloadavg()]}}
 
