@@ -40,7 +40,12 @@ def _bundle(spec: str, out: Path, **options) -> Path:
 
 @pytest.fixture(scope="module")
 def toy_bundle(tmp_path_factory) -> Path:
-    return _bundle("toy", tmp_path_factory.mktemp("bundle") / "toy")
+    """The toy bundle, written through the CLI (export --pipeline --json)."""
+    out = tmp_path_factory.mktemp("bundle") / "toy"
+    with torch_threads(1):
+        assert main(["export", "--pipeline", "--model", "toy", "--target", "onnx", "--exporter", "torchscript",
+                     "--out", str(out), "--json"]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +150,20 @@ def test_generate_cli_imports_no_torch(toy_bundle, tmp_path):
     assert Image.open(out).size == (32, 32)
 
 
-def test_toy_bundle_matches_pytorch_end_to_end(toy_bundle):
+def test_toy_bundle_matches_pytorch_end_to_end(toy_bundle, capsys):
+    """verify BUNDLE through the CLI: every part within fp32 parity, the image ≥ 40 dB against the diffusers
+    pipeline — and a floor the loop cannot meet (above the 120 dB cap) turns the same result into exit 1."""
     with torch_threads(1):
-        result = verify_bundle(toy_bundle, prompts=(PROMPT,), steps=6, guidance=4.0)
-    assert result.passed, result.failures
-    assert all(part["rel_l2"] < 1e-4 for part in result.parts.values())
-    assert result.cases[0]["psnr_db"] >= 40.0
+        code = main(["verify", str(toy_bundle), "--prompt", PROMPT, "--steps", "6", "--min-psnr", "121", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert all(part["passed"] and part["rel_l2"] < 1e-4 for part in data["parts"].values())
+    assert data["cases"][0]["psnr_db"] >= 40.0
+    assert code == 1 and not data["passed"]
+    assert data["failures"] == [f"end to end '{PROMPT}' seed 0: PSNR {data['cases'][0]['psnr_db']:.2f} dB < 121 dB"]
 
 
 def test_sequential_draws_the_same_image(toy_bundle):
-    options = dict(prompt=PROMPT, steps=3, guidance=4.0, seed=2, progress=False)
+    options = dict(prompt=PROMPT, steps=2, guidance=4.0, seed=2, progress=False)
     together = generate(toy_bundle, GenerateOptions(**options))
     apart = generate(toy_bundle, GenerateOptions(**options, sequential=True))
     np.testing.assert_array_equal(together.image, apart.image)
@@ -181,10 +190,12 @@ def test_diffusers_onnx_pipeline_loads_the_sd15_bundle(sd15_bundle):
     assert image_psnr(theirs, ours) >= 40.0
 
 
-def test_sd15_bundle_matches_pytorch_with_each_scheduler(sd15_bundle):
+@pytest.mark.slow
+def test_sd15_bundle_matches_pytorch_with_each_scheduler(tmp_path):
+    bundle = _bundle("random:tiny-sd15", tmp_path / "sd15")
     with torch_threads(1):
         for name in SCHEDULERS:
-            result = verify_bundle(sd15_bundle, prompts=("a photo of a cat",), steps=4, guidance=7.5, scheduler=name)
+            result = verify_bundle(bundle, prompts=("a photo of a cat",), steps=4, guidance=7.5, scheduler=name)
             assert result.passed, (name, result.failures)
             assert result.cases[0]["psnr_db"] >= 40.0
 
@@ -220,15 +231,6 @@ def test_bad_bundles_and_options_exit_2(toy_bundle, tmp_path, capsys):
     code, err = _cli(capsys, "export", "--pipeline", "--model", "toy", "--target", "coreml", "--out",
                      tmp_path / "coreml")
     assert code == 2 and "not implemented" in err and not (tmp_path / "coreml").exists()
-
-
-def test_verify_cli_fails_below_its_floor(toy_bundle, capsys):
-    """A floor the loop cannot meet (above the 120 dB cap) makes the same check exit 1."""
-    with torch_threads(1):
-        code = main(["verify", str(toy_bundle), "--prompt", PROMPT, "--steps", "2", "--min-psnr", "121", "--json"])
-    data = json.loads(capsys.readouterr().out)
-    assert code == 1 and not data["passed"] and data["cases"][0]["psnr_db"] >= 40.0
-    assert data["failures"] == [f"end to end '{PROMPT}' seed 0: PSNR {data['cases'][0]['psnr_db']:.2f} dB < 121 dB"]
 
 
 # -- slow: SDXL, fp16, students, ORT Mobile -----------------------------------------------------------------------
