@@ -256,3 +256,42 @@ def test_python_api_takes_str_and_pathlike_and_raises_its_own_errors(student_dir
     for call in (lambda: load_student(42), lambda: resolve_model(3.5), lambda: load_student("no/such/folder")):
         with pytest.raises(LaptopDeployError):
             call()
+
+
+# -------------------------------------------------------------------------------------------- warnings
+
+
+def test_only_known_noise_is_muted_and_quiet_mutes_all():
+    import logging
+    import warnings
+
+    from laptop_deploy.cli.noise import library_noise
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    handler = Keep()
+    logger.addHandler(handler)
+    known = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    try:
+        with library_noise(), warnings.catch_warnings(record=True) as caught:
+            logger.warning(known)
+            logger.warning("a message nobody listed")
+            warnings.warn_explicit("old API", FutureWarning, "x.py", 1, module="diffusers.models")
+            warnings.warn_explicit("tracer: output depends on a Python value", UserWarning, "y.py", 2,
+                                   module="torch.jit")
+        assert seen == ["a message nobody listed"]
+        assert [str(w.message) for w in caught] == ["tracer: output depends on a Python value"]
+        with library_noise(quiet=True), warnings.catch_warnings(record=True) as caught:
+            logger.warning("a message nobody listed")
+            warnings.warn_explicit("tracer", UserWarning, "y.py", 3, module="torch.jit")
+        assert seen == ["a message nobody listed"] and caught == []
+        assert logging.root.manager.disable == logging.NOTSET and not logger.filters  # all restored
+        logger.warning(known)  # outside the CLI nothing is filtered
+        assert seen[-1] == known
+    finally:
+        logger.removeHandler(handler)
