@@ -46,6 +46,7 @@ import coremltools as ct
 from ..errors import LaptopDeployError
 from ..deploy.manifest import Manifest, file_entry, tool_versions, write_manifest
 from ..deploy.spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
+from ..deploy.noise_floor import Gate, copy_as, floor_row
 from ..deploy.verify import Tolerances, compare
 from .console import peak_rss_mb, quiet
 
@@ -185,22 +186,33 @@ def trace_unet(unet: nn.Module, spec: ExportSpec) -> torch.jit.ScriptModule:
 def traced_parity(traced: torch.jit.ScriptModule, unet: nn.Module, spec: ExportSpec, *,
                   seed: int = 1) -> dict[str, Any]:
     """The traced module vs the eager U-Net (diffusers' own call, ``added_cond_kwargs`` nested) on seeded inputs
-    other than the trace's (timestep included), fp32 tolerances. Raises :class:`CoreMLExportError` on a mismatch; returns the metrics."""
+    other than the trace's (timestep included), judged by the calibrated gate (``deploy.noise_floor``): the traced
+    module's error against a float64 copy of the U-Net within a factor of eager fp32's own. Raises
+    :class:`CoreMLExportError` on a mismatch; returns the metrics."""
     feeds = spec.with_precision("fp32").example_feeds(seed=seed)
     # example_feeds' timesteps depend on the batch only: draw others, so a timestep baked in by the trace shows
     feeds["timestep"] = np.random.default_rng(seed).uniform(1, 999, spec.batch).round().astype(np.float32)
-    args = dict(zip(spec.input_names, torch_inputs(spec, feeds)))
-    added = {k: args.pop(k) for k in ("text_embeds", "time_ids") if k in args}
+
+    def eager(model: nn.Module, dtype: torch.dtype) -> np.ndarray:
+        args = dict(zip(spec.input_names, torch_inputs(spec, feeds, dtype=dtype)))
+        added = {k: args.pop(k) for k in ("text_embeds", "time_ids") if k in args}
+        return model(args["sample"], args["timestep"], args["encoder_hidden_states"], added_cond_kwargs=added or None,
+                     return_dict=False)[0].double().numpy()
+
     with torch.no_grad():
         out = traced(*torch_inputs(spec, feeds)).numpy()
-        ref = unet(args["sample"], args["timestep"], args["encoder_hidden_states"],
-                   added_cond_kwargs=added or None, return_dict=False)[0].numpy()
-    report = compare({"out_sample": ref}, {"out_sample": out}, tolerances=Tolerances.for_precision("fp32"),
+        ref, exact = eager(unet, torch.float32), eager(copy_as(unet, torch.float64), torch.float64)
+    report = compare({"out_sample": ref}, {"out_sample": out}, tolerances=Tolerances(None, None),
                      case="traced vs eager")
-    if not report.passed:
-        raise CoreMLExportError(f"the traced module differs from the U-Net: {'; '.join(report.failures)}")
+    row = floor_row(exact, ref, out, gate=Gate.for_precision("fp32"), case="traced vs eager", output="out_sample",
+                    reference="torch fp32")
+    if not report.passed or not row.passed:
+        failures = "; ".join(report.failures + row.failures)
+        raise CoreMLExportError(f"the traced module differs from the U-Net: {failures}")
     metrics = report.outputs[0]
-    return {"rel_l2": metrics.rel_l2, "psnr_db": metrics.psnr_db, "max_abs": metrics.max_abs}
+    return {"rel_l2": metrics.rel_l2, "psnr_db": metrics.psnr_db, "max_abs": metrics.max_abs,
+            "floor_rel_l2": row.floor_rel_l2, "factor_rel_l2": row.factor_rel_l2,
+            "factor_max_abs": row.factor_max_abs}
 
 
 def convert(traced: torch.jit.ScriptModule, spec: ExportSpec, options: CoreMLOptions) -> Any:

@@ -128,7 +128,7 @@ def test_parity_failure_exits_1_with_the_report(capsys, tmp_path, artifact):
     assert 1e-4 < result["rel_l2"] < 0.5 and result["nan_count"] == 0 and result["e2e_psnr_db"] < 60
     failing = {f.split("/")[0].split(":")[0] for f in result["failures"]}
     assert failing == {"step 0 (t=667)", "step 1 (t=334)", "step 2 (t=1)", "random", "end-to-end"}
-    assert all("relative L2" in f or "PSNR" in f for f in result["failures"])
+    assert all("relative L2" in f or "PSNR" in f or "max abs" in f for f in result["failures"])
     assert read_manifest(tampered).results["parity"]["passed"] is False
 
     code, out, _ = run(capsys, "verify", str(tampered), "--model", "random:tiny-sd15", "--steps", "3")
