@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads (default 1: "
                         "2-thread OpenMP busy-waits badly when other processes share the 2 cores)")
+    parser.add_argument("--runtime", default="ort", choices=("ort", "torch"),
+                        help="ort (default): exports every variant; torch: profile and time eager PyTorch (no "
+                             "exports), results as bench_latency_torch.*")
+    parser.add_argument("--torch-warmup", type=int, default=1, help="untimed calls per round in torch")
     parser.add_argument("--no-torch", action="store_true", help="skip the eager PyTorch rows (bench_runtimes)")
     parser.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"),
                         help="ONNX exporter for every variant (default torchscript: minutes faster here)")
@@ -116,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_model(args.model)
     unet = source.unet
     spec = build_spec(unet.config, batch=args.batch, height=args.latent[0], width=args.latent[1])
+    stem = "bench_latency" if args.runtime == "ort" else "bench_latency_torch"
     try:
+        if args.runtime == "torch":
+            return _torch_only(args, source, spec, before, stem)
         table, timing = _profile_teacher(unet, source, spec, work, args)
         say(f"profile {timing['profile_s']} s vs export {timing['export_s']} s; step {table.step:.0f} ms")
         scored = load_or_score(source, model=args.model, seed=0, calib=args.calib, latent=args.score_latent,
@@ -177,8 +184,59 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _torch_only(args, source, spec, before: list[float], stem: str) -> int:
+    """--runtime torch: the same students, profiled (hooks) and timed in eager PyTorch; nothing exported."""
+    from laptop_deploy.deploy.bench import environment
+    from laptop_deploy.deploy.latency_table import plot_shares, save_table, table_markdown
+    from laptop_deploy.deploy.profile import ProfileOptions, measure_interleaved, predicted_ms, profile_unet
+
+    unet = source.unet
+    options = ProfileOptions(runtime="torch", latent_size=args.latent, batch=args.batch, repeats=args.repeats)
+    table = profile_unet(unet, model=source.describe(), options=options, progress=say)
+    table.extra["command"] = args.command
+    save_table(table, args.results / "sd15_latency_table_torch.json")
+    (args.results / "sd15_latency_table_torch.md").write_text(table_markdown(table, command=args.command))
+    plot_shares(table, args.results / "sd15_latency_table_torch.png")
+    say(f"profiled in {table.extra['profile_s']} s; step {table.step:.0f} ms")
+    scored = load_or_score(source, model=args.model, seed=0, calib=args.calib, latent=args.score_latent,
+                           cache=args.results / f"sd15_scores_{args.score_latent[0]}.json")
+    sets = removal_sets(unet, scored["scores"], table=table, latent=args.latent,
+                        variants=args.variants or _variants(args.ratios))
+    say(f"timing {list(sets)} in torch eager, {args.repeats} interleaved rounds")
+    times = measure_interleaved({k: (lambda r=v: torch_runner(unet, spec, r)) for k, v in sets.items()},
+                                spec.example_feeds(seed=0), repeats=args.repeats, warmup=args.torch_warmup,
+                                progress=say)
+    after = load_average()
+    sizes = _sizes(unet, sets, args.latent)
+    teacher = times["teacher"]["median_ms"]
+    rows = []
+    for name, removed in sets.items():
+        pred, meas = predicted_ms(table, removed) / table.step, times[name]["median_ms"] / teacher
+        rows.append({"variant": name, "removed": removed, **sizes[name],
+                     "params_ratio": round(sizes[name]["params"] / sizes["teacher"]["params"], 4),
+                     "macs_ratio": round(sizes[name]["macs"] / sizes["teacher"]["macs"], 4),
+                     "predicted_ratio": round(pred, 4), "measured_ratio": round(meas, 4),
+                     "measured_ratio_min_max": [round(times[name]["min_ms"] / teacher, 4),
+                                                round(times[name]["max_ms"] / teacher, 4)],
+                     "prediction_error": round(pred / meas - 1, 4), "times": times[name]})
+    data = {"command": args.command, "runtime": "torch", "model": args.model, "latent": list(args.latent),
+            "batch": args.batch, "threads": args.threads,
+            "score": {k: scored[k] for k in ("key", "seconds", "forward_passes")},
+            "profile_s": table.extra["profile_s"], "teacher_export_s": None, "exporter": None,
+            "table": "benchmarks/results/sd15_latency_table_torch.json", "rows": rows,
+            "reused": {"teacher_artifact": None, "table": None},
+            "load_average": {"before": before, "after": after}, "environment": environment()}
+    data["warning"] = busy_warning(before, after, data["environment"]["logical_cores"])
+    (args.results / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (args.results / f"{stem}.md").write_text(_markdown(data))
+    _plot(data, args.results / f"{stem}.png")
+    print(_markdown(data))
+    return 0
+
+
 def _markdown(data: dict) -> str:
-    lines = ["# Pruning to a latency budget: SD-1.5 U-Net, ONNX Runtime CPU fp32", "",
+    runtime = "PyTorch eager CPU" if data.get("runtime") == "torch" else "ONNX Runtime CPU"
+    lines = [f"# Pruning to a latency budget: SD-1.5 U-Net, {runtime} fp32", "",
              f"Command: `{data['command']}`", ""]
     if data.get("warning"):
         lines += [f"**{data['warning']}**", ""]
@@ -189,9 +247,11 @@ def _markdown(data: dict) -> str:
               f"samples ({data['score']['forward_passes']} passes, {data['score']['seconds']} s; no additivity "
               f"sets) and reused for every cost unit and ratio; costs (params, MACs, measured ms) are those of the "
               f"{data['latent'][0]}x{data['latent'][1]} shape. Latency table: `{data['table']}`.", "",
-              f"Profiling the teacher in ONNX Runtime took **{data['profile_s']} s**; exporting it took "
-              f"**{data['teacher_export_s']} s** ({data['exporter']} exporter, every variant). Load average "
-              f"before / after: {data['load_average']['before']} / {data['load_average']['after']}.", ""]
+              (f"Profiling the teacher in ONNX Runtime took **{data['profile_s']} s**; exporting it took "
+               f"**{data['teacher_export_s']} s** ({data['exporter']} exporter, every variant). "
+               if data["teacher_export_s"] else f"Profiling the teacher (hooks) took {data['profile_s']} s. ") +
+              f"Load average before / after: {data['load_average']['before']} / {data['load_average']['after']}.",
+              ""]
     if data["reused"]["teacher_artifact"]:
         lines += [f"The teacher's export and profile were made by an earlier run of this script (same model, seed "
                   f"and settings; its export seconds come from the artifact's manifest, the profile from "
@@ -226,7 +286,7 @@ def _plot(data: dict, path: Path) -> None:
         if r["variant"].startswith("bk-sdm"):
             ax.scatter([1 - r["params_ratio"]], [r["measured_ratio"]], marker="*", s=120, label=r["variant"])
     ax.set_xlabel("--ratio (bk-sdm: fraction of params removed)")
-    ax.set_ylabel("student latency / teacher latency (ORT CPU)")
+    ax.set_ylabel(f"student latency / teacher latency ({data.get('runtime', 'ort')} CPU)")
     ax.set_title("measured (solid) and predicted (dotted) latency", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
