@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def export_pair(spec_str: str, work: Path, *, dynamic: bool, int8: Any) -> dict[str, Any]:
+def export_pair(spec_str: str, work: Path, *, dynamic: bool, int8: Any, latent: int | None = None) -> dict[str, Any]:
     """fp32 ONNX of ``spec_str`` and its int8 model (gate as in ``int8``); returns paths, source, info."""
     from laptop_deploy.deploy.spec import build_spec
     from laptop_deploy.errors import CheckFailed
@@ -41,7 +41,7 @@ def export_pair(spec_str: str, work: Path, *, dynamic: bool, int8: Any) -> dict[
     from laptop_deploy.models.sources import resolve_model
 
     source = resolve_model(spec_str)
-    spec = build_spec(source.unet.config, precision="int8", dynamic=dynamic)
+    spec = build_spec(source.unet.config, precision="int8", dynamic=dynamic, height=latent, width=latent)
     started = time.perf_counter()
     (work / "fp32").mkdir(parents=True)
     fp32 = export_fp32(source.unet, spec.with_precision("fp32"), work / "fp32", options=OnnxOptions())
@@ -94,13 +94,14 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
             continue
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
             load_before = os.getloadavg()
-            pair = export_pair(model, Path(tmp), dynamic=False,
+            pair = export_pair(model, Path(tmp), dynamic=False, latent=args.latent,
                                int8=Int8Options(calib_prompts=str(args.calib_prompts), calib_steps=args.calib_steps,
                                                 min_psnr=args.min_psnr, max_float_share=args.max_float_share))
             load_mid = os.getloadavg()
             timing = timed_interleaved({"fp32": pair["fp32"], "int8": pair["int8"]}, pair["spec"],
                                        repeats=args.repeats, threads=args.threads)
             info = pair["info"]
+            label = "student" if Path(model).is_dir() else label  # --teacher may name a student folder too
             rows.append({"model": label, "spec": model, "params": pair["source"].describe()["params"],
                          "latent": [pair["spec"].height, pair["spec"].width], "gate": pair["gate"],
                          "fp32": timing["fp32"], "int8": timing["int8"],
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", default="random:sd15", help="teacher spec (speed)")
     parser.add_argument("--student", help="student folder (speed: of random:sd15; quality: of toy)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (speed)")
+    parser.add_argument("--latent", type=int, default=64, help="latent height = width (speed; default 64)")
     parser.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
     parser.add_argument("--calib-prompts", type=int, default=1, help="calibration prompts (speed)")
     parser.add_argument("--calib-count", type=int, default=8, help="toy training captions used (quality)")
