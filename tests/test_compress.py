@@ -275,3 +275,25 @@ def test_pipeline_chain_writes_a_verified_bundle(tmp_path):
     parity = json.loads((out / "verify" / "parity.json").read_text())
     assert parity["passed"] and parity["worst_psnr_db"] >= parity["min_psnr_db"]
     assert (out / "report" / "samples.png").is_file()
+
+
+@pytest.mark.slow
+def test_latency_budget_profiles_once_and_a_new_budget_redoes_prune_onward(tmp_path):
+    from laptop_deploy.compress.recipe import latency_support
+
+    if latency_support() is not None:
+        pytest.skip(f"this build lacks {latency_support()}")
+    out = tmp_path / "run"
+    args = [*CHEAP, "--profile-repeats", "3", "--out", str(out)]
+    first = _cli([*args[:3], "latency=0.02", *args[4:]])  # args[3] is the budget
+    assert first.returncode == 0, first.stderr
+    stages = {s["name"]: s["status"] for s in json.loads(first.stdout)["stages"]}
+    assert list(stages)[:2] == ["profile", "prune"] and set(stages.values()) == {"ran"}
+    latency = json.loads((out / "prune" / "pruning_plan.json").read_text())["latency"]
+    assert latency["predicted_ratio"] <= 0.98 + 1e-6
+    rows = {row["what"]: row for row in json.loads((out / "report" / "report.json").read_text())["rows"]}
+    assert rows["latency (predicted)"]["student"] == latency["predicted_ms"]
+    second = _cli([*args[:3], "latency=0.01", *args[4:]])
+    assert second.returncode == 0, second.stderr
+    stages = {s["name"]: s["status"] for s in json.loads(second.stdout)["stages"]}
+    assert [n for n, s in stages.items() if s == "skipped"] == ["profile", "export-teacher"]

@@ -10,6 +10,7 @@ from typing import Any
 
 FLAG_HELP = {  # the recipe keys that are flags too (all others: --config only); None = no default shown here
     "seed": (int, "seed of random:<preset> weights, calibration, distillation and samples (default 0)"),
+    "profile_repeats": (int, "latency budgets: timed calls of the teacher's profile, at least 3 (default 5)"),
     "criterion": (str, "pruning criterion (default output-loss)"),
     "granularity": (str, "auto, attention or block (default auto)"),
     "calib": (int, "calibration samples (default 8)"),
