@@ -85,11 +85,26 @@ def timed_interleaved(paths: dict[str, Path], spec: Any, *, repeats: int, thread
                 "max_ms": round(max(v), 1), "times_ms": [round(t, 1) for t in v]} for k, v in times.items()}
 
 
+STUDENT_ARGS = ("--ratio", "0.5", "--criterion", "magnitude", "--additivity-sets", "0", "--calib", "1",
+                "--batch-size", "1")  # a 50%-of-params student without the output-loss scoring passes
+
+
+def make_student(teacher: str, work: Path) -> str:
+    """``--student auto``: ``laptop-deploy prune --model TEACHER`` + :data:`STUDENT_ARGS` into ``work``."""
+    from laptop_deploy.cli.main import main as cli
+
+    out = work / "bench_int8_student"
+    if cli(["prune", "--model", teacher, *STUDENT_ARGS, "--out", str(out), "--force"]) != 0:
+        raise SystemExit(f"prune of {teacher} failed")
+    return str(out)
+
+
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     from laptop_deploy.exporters.onnx_int8 import Int8Options
 
     rows = []
-    for label, model in (("teacher", args.teacher), ("student 50%", args.student)):
+    student = make_student(args.teacher, Path(args.work)) if args.student == "auto" else args.student
+    for label, model in (("teacher", args.teacher), ("student 50%", student)):
         if model is None:
             continue
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
@@ -187,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("speed", "quality"))
     parser.add_argument("--teacher", default="random:sd15", help="teacher spec (speed)")
-    parser.add_argument("--student", help="student folder (speed: of random:sd15; quality: of toy)")
+    parser.add_argument("--student", help="student folder (speed: of --teacher, or 'auto' to prune one with "
+                                           "STUDENT_ARGS; quality: of toy)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (speed)")
     parser.add_argument("--latent", type=int, default=64, help="latent height = width (speed; default 64)")
     parser.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
@@ -202,11 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.name = args.name or f"bench_int8_{args.part}"
     started = time.perf_counter()
-    result = (speed if args.part == "speed" else quality)(args)
+    command = "python benchmarks/bench_int8.py " + " ".join(argv or sys.argv[1:])
+    result = {"command": command, **(speed if args.part == "speed" else quality)(args)}  # command first
     from laptop_deploy.deploy.bench import environment
 
-    result.update(command="python benchmarks/bench_int8.py " + " ".join(argv or sys.argv[1:]),
-                  seconds=round(time.perf_counter() - started, 1), environment=environment(),
+    result.update(seconds=round(time.perf_counter() - started, 1), environment=environment(),
                   load_avg_end=os.getloadavg(), busy_warning=os.getloadavg()[0] > 1.5)
     if result["busy_warning"]:
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: the machine was busy; "
