@@ -9,15 +9,20 @@ Calibration sources:
 * ``images`` — deployment-matched: ``--calib`` toy images (seed 2) conditioned on their own captions, timesteps
   from the teacher's 20-step DPM-Solver++ schedule (``prune --images DIR --steps 20``).
 
-Headline (``--per-prompt`` × 24 images, default 240): at ratio 0.5 of params with the ``images`` source, seed 0,
-the one-shot and the refined students, iterative greedy (``bench_prune.greedy``) on the same calibration, and the
-one-shot and refined sets each retrained under bench_quality's 400-step budget (normalized feature KD).
+Headline (``--per-prompt`` × 24 images; 240 by default): at ratio 0.5 of params with the ``images`` source, seed 0,
+the one-shot and the refined students and iterative greedy (``bench_prune.greedy``) on the same calibration (part
+``headline``); the one-shot and refined sets each retrained under bench_quality's 400-step budget, normalized feature
+KD (part ``retrain``; ``--retrain-only`` splits it over two processes). The parts run as separate processes with one
+torch thread each (on a busy 2-core machine, two threads per process spin and run slower than one).
 
-    python benchmarks/bench_refine.py            # the committed results (the .md says what it took)
-    python benchmarks/bench_refine.py --quick    # 0.5 params only, 2 seeds, no retraining: a few minutes
+    python benchmarks/bench_refine.py --part sweep --threads 1                 # 0.5 of params, 5 seeds, then the rest
+    python benchmarks/bench_refine.py --part sweep --seeds 0 --other-seeds 2 --name bench_refine_sweep_other
+    python benchmarks/bench_refine.py --part headline --per-prompt 2 --threads 1
+    python benchmarks/bench_refine.py --part retrain --per-prompt 2 --threads 1 [--retrain-only refined --name ...]
+    python benchmarks/bench_refine.py --part sweep --quick                     # 0.5 params, 2 seeds: minutes
 
-writes benchmarks/results/bench_refine[_quick].json and .md (rewritten after every stage, so a long run that is
-stopped still leaves what it measured).
+writes benchmarks/results/<name>.json and .md (default name bench_refine_<part>), rewritten after every row, so a
+run that is stopped still leaves what it measured (the .md then says it is incomplete).
 """
 
 from __future__ import annotations
