@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.latent, args.score_latent = tuple(args.latent), tuple(args.score_latent)
     args.results.mkdir(parents=True, exist_ok=True)
-    args.command = "flock /tmp/ld-heavy.lock python benchmarks/bench_latency.py " + \
+    args.command = "python benchmarks/bench_latency.py " + \
         " ".join(argv if argv is not None else sys.argv[1:])
     import torch
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    command = "flock /tmp/ld-heavy.lock python benchmarks/bench_runtimes.py " + \
+    command = "python benchmarks/bench_runtimes.py " + \
         " ".join(argv if argv is not None else sys.argv[1:])
     import torch
 
