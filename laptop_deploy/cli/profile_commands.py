@@ -42,6 +42,9 @@ def profile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                              repeats=args.repeats, warmup=args.warmup, threads=args.threads, providers=args.provider)
     if args.artifact is None:
         options.validate()
+        from ..runtimes import runner_class
+
+        runner_class(options.runtime)  # onnxruntime not installed: exit 2 naming the extra, before any work
     prepare_output(args.out, force=args.force)  # exit 2 before any model loads
     if args.artifact is not None:
         dry = _artifact_dry_run(args)
