@@ -41,10 +41,11 @@ def steps(work: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def run_step(name: str, argv: list[str]) -> dict:
+def run_step(name: str, argv: list[str], threads: int | None) -> dict:
     load = os.getloadavg()[0]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -107,18 +108,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="main_job")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every step (default: torch's choice); "
+                                                    "1 on a shared machine, where spinning threads slow ~100x")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it (default: a temp folder)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="main-job-"))
     start_load = [round(x, 2) for x in os.getloadavg()]
     try:
-        rows = [run_step(name, argv) for name, argv in steps(work)]
+        rows = [run_step(name, argv, args.threads) for name, argv in steps(work)]
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     import platform
 
-    data = {"command": "python benchmarks/main_job.py", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    command = "python benchmarks/main_job.py" + (f" --threads {args.threads}" if args.threads else "")
+    data = {"command": command, "threads": args.threads or "torch default", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
             "load_average_start": start_load, "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "busy": start_load[0] > (os.cpu_count() or 1), "steps": rows, "summary": summarize(rows)}

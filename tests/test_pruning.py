@@ -24,7 +24,10 @@ def test_ratio_is_met_within_granularity_and_the_budget_holds(sd15_plan):
     totals = sd15_plan.totals()
     assert totals["params_after"] <= 0.5 * totals["params_before"]
     assert 0.5 <= totals["ratio_achieved"] <= 0.52
-    assert sd15_plan.notes == []
+    # no overshoot note; the per-set additivity verdict is a note exactly when L(S)/Σsᵢ leaves [0.5, 2]
+    ratio = sd15_plan.additivity["chosen_joint_over_sum"]
+    expected = [] if 0.5 <= ratio <= 2 else [f"chosen set: {sd15_plan.additivity['chosen_verdict']}"]
+    assert sd15_plan.notes == expected and sd15_plan.additivity["chosen_additive"] == (expected == [])
     counted = sd15_plan.inventory.total_params - sum(
         e.layer.params for e in sd15_plan.inventory.entries if e.layer.name in sd15_plan.removed)
     assert totals["params_after"] == counted
