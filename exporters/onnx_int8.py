@@ -27,6 +27,7 @@ fails).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,12 +114,6 @@ def quantize_onnx(fp32: Path, unet: nn.Module, spec: ExportSpec, stage: Path, *,
     info["int8_kernels"] = executed_ops(path, data.held_out[0][0])
     info["int8_seconds"] = round(time.perf_counter() - started, 1)
     return path, info
-
-
-def _stderr():
-    import sys
-
-    return sys.stderr
 
 
 def preprocess(fp32: Path, out: Path) -> Path:
@@ -251,7 +246,7 @@ def keep_float(order: list[str], shares: dict[str, float], evaluate: Any, *, sta
 
 
 def _say(line: str) -> None:
-    print(line, file=_stderr(), flush=True)
+    print(line, file=sys.stderr, flush=True)
 
 
 def _remove_model(path: Path) -> None:
@@ -266,7 +261,7 @@ def group_sensitivity(pre: Path, stage: Path, groups: dict[str, list[str]], *, c
 
     scores: dict[str, float] = {}
     for index, (group, nodes) in enumerate(tqdm(groups.items(), desc="int8 sensitivity", unit="group",
-                                                file=_stderr(), leave=False)):
+                                                file=sys.stderr, leave=False)):
         path = quantize(pre, stage / "alone" / f"{index}" / "model.onnx", cache=cache, options=options, feeds=None,
                         only=nodes)
         scores[group] = held_out_psnr(path, data)
