@@ -19,6 +19,19 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
+def logger_level(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Set the logger ``logger_name`` to ``level`` for the duration, then restore it (e.g. around a library's
+    import, whose own log lines would break the one-line stderr contract)."""
+    logger = logging.getLogger(logger_name)
+    saved = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+@contextlib.contextmanager
 def quiet(logger_name: str, *, python_stderr: bool = False) -> Iterator[None]:
     """Silence fds 1 and 2, ``sys.stdout`` (and ``sys.stderr`` when ``python_stderr``), warnings and the logger
     ``logger_name`` (set to ERROR) for the duration; everything is restored after, also on an exception."""

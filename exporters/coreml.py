@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import importlib.util
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,10 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .console import logger_level
+
 # coremltools logs at import (an untested torch version, its macOS-only proxies missing on Linux): keep that off
-# stderr, where errors are one line.
-logging.getLogger("coremltools").setLevel(logging.ERROR)
-import coremltools as ct
+# stderr, where errors are one line — and leave the logger as it was.
+with logger_level("coremltools"):
+    import coremltools as ct
 
 from ..errors import LaptopDeployError
 from ..deploy.manifest import Manifest, file_entry, tool_versions, write_manifest
