@@ -50,7 +50,8 @@ class BundleManifest:
     """The parsed bundle ``manifest.json``.
 
     ``parts``: {part: {"model_file", "precision", "inputs", "outputs", "bytes", "weight_bytes", "note"?}} where
-    inputs/outputs are ``[{"name", "shape", "dtype"}]`` (axis names for dynamic axes). ``tokenizers``:
+    inputs/outputs are ``[{"name", "shape", "dtype"}]`` (axis names for dynamic axes), ``bytes`` the part's files
+    and ``weight_bytes`` the fp32 state dict of the module it was traced from (for VAE parts: the whole VAE). ``tokenizers``:
     {folder: {"file", "max_length", "pad_id"}}. ``image``: {"vae_scale_factor", "latent_channels",
     "scaling_factor", "shift_factor", "height", "width", "multiple_of"} in image pixels. ``unet``: {"sdxl",
     "projection_dim", "force_zeros_for_empty_prompt"}. ``files``: {relative path: {"bytes", "sha256"}}.
