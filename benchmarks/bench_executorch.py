@@ -191,7 +191,7 @@ def _write(name: str, command: str, before: list[float], rows: list[dict], laten
     data = {"command": command, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
             "calls": args.calls, "load_average": {"before": before, "after": after, "logical_cores": cores},
             "warning": (f"machine busy: 1-min load average {max(before[0], after[0])} on {cores} logical cores; "
-                        f"ratios from the same interleaved run, absolute times inflated") if busy else None,
+                        f"timings inflated (latency ratios come from one interleaved run); parity is unaffected") if busy else None,
             "parity": [{k: v for k, v in r.items() if k != "folder"} for r in rows], "latency": latency,
             "environment": env}
     if busy:
