@@ -210,11 +210,14 @@ def report(result: dict) -> str:
                  f"(difference {j['alignment_difference_pct']:+.2f} points; per-image agreement "
                  f"{j['per_image_agreement']:.3f})\n")
     if result["memory"]:
-        lines += ["| bundle | mode | peak RSS MB (median, min-max) | U-Net ms (median) | largest part MB |",
+        lines += ["| bundle | mode | peak RSS MB (median, min-max) | U-Net ms (median, min-max) | largest part MB |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['bundle']} | {r['mode']} | {r['peak_rss_mb_median']:.0f} ({r['peak_rss_mb_range'][0]:.0f}-"
-                  f"{r['peak_rss_mb_range'][1]:.0f}) | {r['unet_ms_median']:.0f} | {r['largest_part_weight_mb']} |"
-                  for r in result["memory"]]
+        lines += [f"| {r['bundle']} | {r['mode']} | " + (
+                  f"{r['peak_rss_mb_median']:.0f} ({r['peak_rss_mb_range'][0]:.0f}-{r['peak_rss_mb_range'][1]:.0f})"
+                  if r["peak_rss_mb_median"] is not None else "n/a") +
+                  f" | {r['unet_ms_median']:.0f} ({r['unet_ms_range'][0]:.0f}-{r['unet_ms_range'][1]:.0f}) | "
+                  f"{r['largest_part_weight_mb']} |" for r in result["memory"]]
+        lines += [f"\n{note}" for note in result.get("notes", [])]
     else:
         lines.append("Memory / latency section skipped (--no-timing).")
     lines.append(f"\nload average before {result['load_average_before']}, after {result['load_average_after']}"
