@@ -47,7 +47,7 @@ with logger_level("coremltools"):
 from ..errors import LaptopDeployError
 from ..deploy.manifest import Manifest, file_entry, tool_versions, write_manifest
 from ..deploy.spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
-from ..deploy.noise_floor import Gate, copy_as, floor_row
+from ..deploy.noise_floor import TRACED_FACTORS, Gate, copy_as, floor_row
 from ..deploy.verify import Tolerances, compare
 from .console import peak_rss_mb, quiet
 
@@ -205,7 +205,7 @@ def traced_parity(traced: torch.jit.ScriptModule, unet: nn.Module, spec: ExportS
         ref, exact = eager(unet, torch.float32), eager(copy_as(unet, torch.float64), torch.float64)
     report = compare({"out_sample": ref}, {"out_sample": out}, tolerances=Tolerances(None, None),
                      case="traced vs eager")
-    row = floor_row(exact, ref, out, gate=Gate.for_precision("fp32"), case="traced vs eager", output="out_sample",
+    row = floor_row(exact, ref, out, gate=Gate(*TRACED_FACTORS), case="traced vs eager", output="out_sample",
                     reference="torch fp32")
     if not report.passed or not row.passed:
         failures = "; ".join(report.failures + row.failures)

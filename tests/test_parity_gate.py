@@ -172,7 +172,7 @@ def test_mutants_apply_to_onnx_graphs_and_modules_alike(tiny_onnx_fp32):
 
 @pytest.mark.slow
 def test_every_mutation_caught_and_no_correct_export_failed(tmp_path):
-    """The sweep of benchmarks/parity_mutations.py on every tiny model, ONNX at fp32 and fp16 (~15 min)."""
+    """The sweep of benchmarks/parity_mutations.py on every tiny model, ONNX at fp32 and fp16 (~30 min)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from parity_mutations import MODELS, run_model
 

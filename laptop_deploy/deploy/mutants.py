@@ -135,8 +135,10 @@ def _find_initializer(graph: Any, param: np.ndarray, name: str) -> Any:
 def _skip_concat(graph: Any, types: dict[str, Any]) -> Any:
     """The last channel concat of two rank-4 inputs of equal shape: the up path's full-resolution skip (the deepest
     one barely matters in a trained U-Net: swapping it moves the toy teacher's output less than fp16 noise)."""
+    sliced = {i for n in graph.node if n.op_type == "Slice" for i in n.input[:1]}
     for node in reversed(graph.node):
-        if node.op_type != "Concat" or len(node.input) != 2:
+        # a removed up ResNet of a student keeps its concat and slices the skip off again: not a live skip
+        if node.op_type != "Concat" or len(node.input) != 2 or node.output[0] in sliced:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), None)
         shapes = [tuple(d.dim_value for d in types[i].shape.dim) if i in types else None for i in node.input]

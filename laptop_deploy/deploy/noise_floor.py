@@ -35,6 +35,10 @@ from torch import nn
 # sensitive ops in fp32 and is *closer* to float64 than PyTorch's all-fp16 run (~0.8x), so a tighter factor.
 FACTORS = {"fp32": (4.0, 8.0), "fp16": (2.0, 4.0)}
 REL_L2_FACTOR, MAX_ABS_FACTOR = FACTORS["fp32"]
+# Core ML's traced-module check compares a TorchScript trace with eager PyTorch: the same kernels on the same
+# inputs, measured at exactly 1.00x the floor on every model, so half the fp32 factor (a 1% change of the toy's
+# up-block conv weight reaches only 3.8x on the trace check's single input).
+TRACED_FACTORS = (2.0, 4.0)
 # fp32 unit roundoff: a measured floor below the rounding of the output itself is not a floor (it happens when
 # reference and exact agree to the last bit on a tiny output); the bound never goes below this.
 MIN_REL_L2_FLOOR = 2.0**-24
