@@ -22,7 +22,8 @@ from deploy_fixtures import torch_threads  # noqa: E402
 
 from laptop_deploy.cli.main import main  # noqa: E402
 from laptop_deploy.deploy.bundle import BundleOptions, export_bundle, resolve_sources  # noqa: E402
-from laptop_deploy.deploy.bundle_format import check_bundle, file_digest  # noqa: E402
+from laptop_deploy.deploy.bundle_format import check_bundle  # noqa: E402
+from laptop_deploy.deploy.integrity import file_entry  # noqa: E402
 from laptop_deploy.deploy.bundle_verify import image_psnr, verify_bundle  # noqa: E402
 from laptop_deploy.deploy.generate import GenerateOptions, generate, initial_latents  # noqa: E402
 from laptop_deploy.deploy.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
@@ -106,7 +107,7 @@ def test_toy_bundle_layout_manifest_and_tokenizer(toy_bundle):
     assert list(manifest.parts) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     for name, part in manifest.parts.items():
         entry = manifest.files[part["model_file"]]
-        assert entry == file_digest(toy_bundle / part["model_file"])
+        assert entry == file_entry(toy_bundle / part["model_file"])
         assert part["bytes"] >= entry["bytes"] > 0
     assert manifest.parts["vae_decoder"]["precision"] == "fp32" and "fp16" in manifest.parts["vae_decoder"]["note"]
     assert [t["name"] for t in manifest.parts["unet"]["inputs"]] == ["sample", "timestep", "encoder_hidden_states"]
@@ -224,9 +225,9 @@ def test_bad_bundles_and_options_exit_2(toy_bundle, tmp_path, capsys):
     data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\t")
     path.write_bytes(bytes(data))
     code, err = _cli(capsys, "generate", tampered, *args)
-    assert code == 2 and "sha256 differs" in err
+    assert code == 2 and "modified after export" in err
     code, err = _cli(capsys, "verify", tampered)
-    assert code == 2 and "sha256 differs" in err
+    assert code == 2 and "modified after export" in err
     assert not out.exists()
     code, err = _cli(capsys, "export", "--pipeline", "--model", "toy", "--target", "coreml", "--out",
                      tmp_path / "coreml")

@@ -22,19 +22,16 @@ numpy. :func:`check_bundle` is the digest check every verb that loads a bundle r
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import LaptopDeployError
+from .integrity import MANIFEST, check_files, file_entry, write_json_atomically
 
 BUNDLE_FORMAT = "laptop-deploy-bundle"
 BUNDLE_VERSION = 1
-MANIFEST = "manifest.json"
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 # the order an app runs them in, which is also the order --sequential loads them
@@ -84,33 +81,15 @@ def is_bundle(folder: Path) -> bool:
         return False
 
 
-def file_digest(path: Path, chunk: int = 1 << 24) -> dict[str, Any]:
-    """``{"bytes", "sha256"}`` of one file, read in 16 MiB chunks (same entry as ``manifest.file_entry``)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def describe_tree(folder: Path) -> dict[str, dict[str, Any]]:
-    """:func:`file_digest` of every file under ``folder`` (relative POSIX paths), except the root manifest."""
-    return {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*"))
+    """:func:`~.integrity.file_entry` of every file under ``folder`` (relative POSIX paths), except the root manifest."""
+    return {p.relative_to(folder).as_posix(): file_entry(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST}
 
 
 def write_bundle_manifest(folder: Path, manifest: BundleManifest) -> Path:
     """Write ``folder/manifest.json`` atomically (temporary file, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(manifest.as_dict(), handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / MANIFEST
+    return write_json_atomically(folder / MANIFEST, manifest.as_dict())
 
 
 def read_bundle_manifest(folder: Path) -> BundleManifest:
@@ -146,16 +125,7 @@ def check_bundle(folder: Path, *, skip_digest: bool = False) -> BundleManifest:
         if part.get("model_file") not in manifest.files:
             raise BundleError(f"{folder / MANIFEST}: part '{name}' model file {part.get('model_file')!r} is not "
                               f"among its files")
-    for rel, entry in manifest.files.items():
-        path = folder / rel
-        if not path.is_file():
-            raise BundleError(f"{path}: missing (listed in {MANIFEST}); the bundle is incomplete")
-        if path.stat().st_size != entry.get("bytes"):
-            raise BundleError(f"{path}: {path.stat().st_size:,} bytes, {MANIFEST} says {entry.get('bytes'):,} "
-                              f"(truncated or modified)")
-        if not skip_digest and file_digest(path)["sha256"] != entry.get("sha256"):
-            raise BundleError(f"{path}: sha256 differs from {MANIFEST} (modified after export); re-export it or "
-                              f"pass --skip-digest to accept it")
+    check_files(folder, manifest.files, skip_digest=skip_digest, error=BundleError)
     return manifest
 
 

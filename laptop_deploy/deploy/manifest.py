@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +31,9 @@ import torch
 from torch import nn
 
 from ..errors import LaptopDeployError
+from .integrity import MANIFEST, check_files, file_entry, write_json_atomically
 from .spec import ExportSpec
 
-MANIFEST = "manifest.json"
 FORMAT = "laptop-deploy-artifact"
 FORMAT_VERSION = 1
 TOOLS = ("torch", "diffusers", "transformers", "numpy", "onnx", "onnxruntime", "onnxscript", "onnxslim",
@@ -101,15 +99,6 @@ def digest_tensors(digest: Any, module: nn.Module) -> Any:
 
 
 
-def file_entry(path: Path, chunk: int = 1 << 24) -> dict[str, Any]:
-    """``{"bytes", "sha256"}`` of one file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
     """:func:`file_entry` for every regular file directly in ``folder`` except the manifest."""
     return {p.name: file_entry(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
@@ -117,17 +106,7 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Write ``folder/manifest.json`` atomically (temporary file, then rename)."""
-    path = folder / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(manifest.as_dict(), handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomically(folder / MANIFEST, manifest.as_dict())
 
 
 def read_manifest(folder: Path, *, check_files: bool = True) -> Manifest:
@@ -163,14 +142,7 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
     package = manifest.model_file + "/"  # a directory artifact (Core ML .mlpackage) lists the files inside it
     if manifest.model_file not in manifest.files and not any(name.startswith(package) for name in manifest.files):
         raise ArtifactError(f"{folder / MANIFEST}: model file '{manifest.model_file}' is not among its files")
-    for name, entry in manifest.files.items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            raise ArtifactError(f"{path}: {size:,} bytes, {MANIFEST} says {entry.get('bytes'):,} "
-                                f"(truncated or modified)")
+    check_files(folder, manifest.files, skip_digest=True, error=ArtifactError)
 
 
 def check_integrity(folder: Path, manifest: Manifest | None = None, *, skip_digest: bool = False) -> Manifest:
@@ -184,19 +156,8 @@ def check_integrity(folder: Path, manifest: Manifest | None = None, *, skip_dige
     """
     folder = Path(folder)
     manifest = manifest or read_manifest(folder, check_files=False)
-    verify_files(folder, manifest)  # presence and size first: a truncated file is named without hashing it
-    if skip_digest:
-        return manifest
-    for name, entry in sorted(manifest.files.items()):
-        path = folder / name
-        recorded = entry.get("sha256")
-        if not recorded:
-            raise ArtifactError(f"{path}: {MANIFEST} lists no sha256 for it, so its integrity cannot be checked; "
-                                f"re-export, or pass --skip-digest to use it unchecked")
-        actual = file_entry(path)["sha256"]
-        if actual != recorded:
-            raise ArtifactError(f"{path}: sha256 {actual[:16]}…, {MANIFEST} says {recorded[:16]}… (modified "
-                                f"after export; re-export, or pass --skip-digest to use it unchecked)")
+    verify_files(folder, manifest)
+    check_files(folder, manifest.files, skip_digest=skip_digest, error=ArtifactError)
     return manifest
 
 
