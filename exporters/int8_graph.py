@@ -70,15 +70,6 @@ def node_groups(graph: onnx.GraphProto) -> dict[str, list[str]]:
     return dict(groups)
 
 
-def name_nodes(graph: onnx.GraphProto) -> None:
-    """Give every node a unique name (exclusion lists are by name)."""
-    seen: set[str] = set()
-    for index, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{index}_int8named"
-        seen.add(node.name)
-
-
 def node_macs(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
     """MACs of every Conv/MatMul/Gemm node of the model at ``path`` for inputs shaped like ``feeds``."""
     model = onnx.load(str(path), load_external_data=False)

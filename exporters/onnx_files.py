@@ -22,3 +22,13 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE if external else None, size_threshold=1024)
     return path
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name: the fp16 block list and int8's exclusion lists are by node name, and the
+    exporters may leave names empty or repeated."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}_named"
+        seen.add(node.name)

@@ -29,22 +29,13 @@ from typing import Any
 import onnx
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-from .onnx_files import save_onnx
+from .onnx_files import name_nodes, save_onnx
 
 
 SENSITIVE_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax", "Sin", "Cos",
                  "Exp", "Pow", "Sqrt", "ReduceMean", "Reciprocal")
 STOP_OPS = ("MatMul", "Gemm", "Conv")  # the fp32 embedding region ends at the first learned projection
 SCORE_PATH_OPS = ("Mul", "Div", "Add", "Cast", "Reshape", "Transpose", "Where")
-
-
-def name_nodes(graph: onnx.GraphProto) -> None:
-    """Give every node a unique name (the block list is by name; exporters may leave names empty)."""
-    seen: set[str] = set()
-    for index, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{index}_fp16named"
-        seen.add(node.name)
 
 
 def embedding_region(graph: onnx.GraphProto, sources: list[str]) -> set[str]:

@@ -40,8 +40,8 @@ from torch import nn
 from ..deploy.spec import ExportSpec
 from ..errors import CheckFailed, LaptopDeployError
 from .int8_calib import Captured, capture, read_prompts
-from .int8_graph import QUANT_OPS, executed_ops, name_nodes, node_groups, node_macs, weights_only
-from .onnx_files import save_onnx
+from .int8_graph import QUANT_OPS, executed_ops, node_groups, node_macs, weights_only
+from .onnx_files import name_nodes, save_onnx
 
 INT8_PRECISIONS = ("int8", "int8-weights")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
