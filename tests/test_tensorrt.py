@@ -264,7 +264,7 @@ def test_dry_run_writes_the_graph_and_plan_and_prints_matching_commands(dry_run,
     out, (result, text) = dry_run
     spec = build_spec(configs["tiny-sd15"])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [".laptop-deploy.json", "manifest.json", "model.onnx"]
     assert (manifest["target"], manifest["model_file"], manifest["export"]["dry_run"]) == ("trt", "model.onnx", True)
     assert manifest["spec"] == spec.as_dict()
     plan = manifest["export"]["plan"]
