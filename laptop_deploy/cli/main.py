@@ -34,6 +34,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
                                                              "lines and errors stay)")
 
 
+def _runtime_args(parser: argparse.ArgumentParser) -> None:
+    """How verify and bench run an artifact: the runner, its execution provider and threads."""
+    parser.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
+    parser.add_argument("--provider", metavar="NAME", help="execution provider: cpu (default), cuda, tensorrt, auto")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="ONNX Runtime: run even when a --provider asked for is not active (default: exit 2)")
+    parser.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the runtime")
+
+
 def _digest_arg(parser: argparse.ArgumentParser) -> None:
     """``--skip-digest`` for every verb that runs an artifact (deploy.manifest.check_integrity)."""
     parser.add_argument("--skip-digest", action="store_true",
@@ -286,11 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler="laptop_deploy.cli.deploy_commands:verify")
     verify.add_argument("dir", type=Path, metavar="DIR", help="artifact folder (with manifest.json) or app bundle")
     _model_args(verify, required=False)  # required for a single artifact; a bundle records its model
-    verify.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
-    verify.add_argument("--provider", metavar="NAME", help="execution provider: cpu (default), cuda, tensorrt, auto")
-    verify.add_argument("--allow-fallback", action="store_true",
-                        help="ONNX Runtime: run even when a --provider asked for is not active (default: exit 2)")
-    verify.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the runtime")
+    _runtime_args(verify)
     verify.add_argument("--steps", type=int, default=10, help="denoising steps of the captured loop (default 10)")
     verify.add_argument("--max-rel-l2", type=float, metavar="X",
                         help="fixed bound on relative L2 vs PyTorch fp32 (replaces the calibrated gate, which is "
@@ -310,11 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="measure an artifact's latency (optionally against eager PyTorch)")
     bench.set_defaults(handler="laptop_deploy.cli.deploy_commands:bench")
     bench.add_argument("dir", type=Path, metavar="DIR", help="artifact folder (with manifest.json)")
-    bench.add_argument("--runtime", metavar="NAME", help="runner for the artifact (default: by target, e.g. ort)")
-    bench.add_argument("--provider", metavar="NAME", help="execution provider: cpu (default), cuda, tensorrt, auto")
-    bench.add_argument("--allow-fallback", action="store_true",
-                        help="ONNX Runtime: run even when a --provider asked for is not active (default: exit 2)")
-    bench.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the runtime")
+    _runtime_args(bench)
     bench.add_argument("--iterations", type=int, default=20, help="timed calls per runner (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     bench.add_argument("--vs-torch", action="store_true", help="also time the source model in eager PyTorch")
