@@ -158,16 +158,52 @@ def test_toy_bundle_matches_pytorch_end_to_end(toy_bundle, capsys):
         code = main(["verify", str(toy_bundle), "--prompt", PROMPT, "--steps", "6", "--min-psnr", "121", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert all(part["passed"] and part["rel_l2"] < 1e-4 for part in data["parts"].values())
+    # every part judged by the calibrated gate against float64, and well inside it (see test below for a failure)
+    for part in data["parts"].values():
+        gate = part["gate"]
+        assert part["judged_by"] == "calibrated gate" and gate["reference"] == "torch fp32" and gate["enforced"]
+        assert gate["floor_rel_l2"] < 1e-5 and gate["factor_rel_l2"] <= gate["rel_l2_factor"] == 4.0
     assert data["cases"][0]["psnr_db"] >= 40.0
     assert code == 1 and not data["passed"]
     assert data["failures"] == [f"end to end '{PROMPT}' seed 0: PSNR {data['cases'][0]['psnr_db']:.2f} dB < 121 dB"]
+
+
+def test_verify_bundle_fails_a_unet_part_with_one_weight_off_by_one_percent(sd15_bundle, tmp_path, capsys):
+    """Issue 20's example inside a bundle: tiny-sd15's up-block conv weight ×1.01 in unet/model.onnx (digests
+    skipped) moves the part by rel L2 ~8e-5 — under the old fixed 1e-4, so the old check passed it — and ~100× the
+    fp32 noise floor: the calibrated gate fails the U-Net part alone, exit 1."""
+    import onnx
+
+    from laptop_deploy.deploy.mutants import Mutation, mutate_onnx
+    from laptop_deploy.models.sources import resolve_model
+
+    bad = shutil.copytree(sd15_bundle, tmp_path / "bad")
+    param = "up_blocks.0.resnets.0.conv1.weight"
+    model = onnx.load(str(bad / "unet" / "model.onnx"))
+    onnx.save_model(mutate_onnx(model, resolve_model("random:tiny-sd15").unet, Mutation("x1.01", "scale", param,
+                                                                                          1.01)),
+                    str(bad / "unet" / "model.onnx"))
+    code, err = _cli(capsys, "verify", bad, "--prompt", PROMPT, "--steps", "1")
+    assert code == 2 and "unet/model.onnx" in err  # the digest catches it first; --skip-digest leaves parity
+    with torch_threads(1):
+        code = main(["verify", str(bad), "--prompt", PROMPT, "--steps", "1", "--skip-digest", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    unet = data["parts"].pop("unet")
+    assert code == 1 and not data["passed"] and not unet["passed"]
+    assert unet["rel_l2"] < 1e-4 and unet["psnr_db"] > 60  # what the old fixed thresholds would have passed
+    assert unet["gate"]["factor_rel_l2"] > 25 * unet["gate"]["rel_l2_factor"], unet["gate"]
+    assert data["failures"] and all(f.startswith("unet: out_sample: ") and "x the torch fp32 floor" in f
+                                    for f in data["failures"])
+    assert all(part["passed"] for part in data["parts"].values())
 
 
 def test_sequential_draws_the_same_image(toy_bundle):
     options = dict(prompt=PROMPT, steps=2, guidance=4.0, seed=2, progress=False)
     together = generate(toy_bundle, GenerateOptions(**options))
     apart = generate(toy_bundle, GenerateOptions(**options, sequential=True))
-    np.testing.assert_array_equal(together.image, apart.image)
+    # --sequential runs the guidance pair as two batch-1 calls: other GEMM blocking, the same numbers to fp32 noise
+    np.testing.assert_allclose(apart.image, together.image, rtol=0, atol=1e-5)
+    assert together.calls["unet"] == 2 and apart.calls["unet"] == 4
     assert set(apart.rss_mb) == {"loaded", "text_encoder", "unet", "vae_decoder"}
 
 

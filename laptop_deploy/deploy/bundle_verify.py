@@ -1,8 +1,11 @@
 """``verify BUNDLE``: every part against its PyTorch module, then the whole loop against the diffusers pipeline.
 
 1. **Parts**: each part's ONNX Runtime session and its PyTorch module (the same wrappers the exporter traced) on
-   seeded inputs (real token ids for text encoders), compared with :func:`.verify.compare` at the part's
-   precision's tolerances.
+   seeded inputs (token ids for text encoders), judged as ``verify`` judges a U-Net artifact
+   (:func:`.verify.parity_rules`): by the calibrated gate (:mod:`.noise_floor`) — the part's error against a
+   float64 copy of its module within ``Gate.for_precision(part precision)``'s factor of the floor reference's own
+   (PyTorch fp32; PyTorch fp16 for fp16 parts) — unless fixed thresholds are given or the part is int8. A part
+   whose module cannot run in fp16 on CPU is judged by its precision's fixed thresholds, and the result says so.
 2. **End to end**: for each (prompt, seed) case, initial latents are drawn once with numpy
    (:func:`.generate.initial_latents`) and handed to both :func:`.generate.generate` (torch-free, the app loop) and
    the diffusers PyTorch pipeline (``latents=``), same scheduler config, steps and guidance; the two images
@@ -12,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import torch
 
 from .bundle_format import BundleManifest, check_bundle
 from .generate import GenerateOptions, generate, initial_latents
+from .noise_floor import copy_as, floor_precision, judge_against_floor, summarize
 
 MIN_PSNR = {"fp32": 40.0, "fp16": 30.0}
 DEFAULT_PROMPTS = ("a red circle at the top left", "a photo of a cat")
@@ -67,11 +71,23 @@ def reference_pipeline(manifest: BundleManifest, *, model: str | None = None, sc
     return pipe, sources
 
 
-def verify_parts(folder: Path, manifest: BundleManifest, sources: Any) -> dict[str, dict[str, Any]]:
-    """Parity of every part against its PyTorch module (see the module docstring): {part: parity summary}."""
-    import onnxruntime as ort
+@dataclass(frozen=True)
+class PartOverrides:
+    """``verify``'s fixed thresholds (any given one replaces the calibrated gate for every part, which is still
+    measured) and ``--factor`` (the gate's relative-L2 factor). The image floor ``--min-psnr`` is not one of them:
+    for a bundle it is the end-to-end check's."""
 
-    from .verify import Tolerances, compare
+    max_rel_l2: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    factor: float | None = None
+
+
+def verify_parts(folder: Path, manifest: BundleManifest, sources: Any,
+                 overrides: PartOverrides = PartOverrides()) -> dict[str, dict[str, Any]]:
+    """Parity of every part against its PyTorch module (see the module docstring): {part: parity summary with
+    ``gate`` (floor, artifact error and factor of the worst output, every output's row) and ``judged_by``}."""
+    import onnxruntime as ort
 
     image = manifest.image
     sizes = {"batch": 2, "height": image["height"] // image["vae_scale_factor"],
@@ -81,20 +97,60 @@ def verify_parts(folder: Path, manifest: BundleManifest, sources: Any) -> dict[s
     results: dict[str, dict[str, Any]] = {}
     for name, part in manifest.parts.items():
         feeds = _part_feeds(part, sizes, generator)
-        with torch.no_grad():
-            ref = _part_module(name, part, manifest, sources, sizes)(*feeds.values())
-        ref = ref if isinstance(ref, tuple) else (ref,)
+        module = _part_module(name, part, manifest, sources, sizes)
         session = ort.InferenceSession(str(folder / part["model_file"]), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         typed = {i.name: feeds[i.name].numpy().astype(
             {"tensor(float16)": np.float16, "tensor(int32)": np.int32}.get(i.type, np.float32))
             for i in session.get_inputs()}
         out = dict(zip(names, (np.asarray(v, np.float32) for v in session.run(None, typed))))
-        report = compare({n: r.float().numpy() for n, r in zip(names, ref)}, out,
-                         tolerances=Tolerances.for_precision(part["precision"]), case=name)
-        results[name] = report.summary()
         del session
+        results[name] = judge_part(name, part["precision"], module, feeds, names, out, overrides)
     return results
+
+
+def judge_part(name: str, precision: str, module: torch.nn.Module, feeds: dict[str, torch.Tensor],
+               names: list[str], out: dict[str, np.ndarray], overrides: PartOverrides) -> dict[str, Any]:
+    """One part: its ORT outputs ``out`` against ``module`` (fp32), a float64 copy (the exact function) and the
+    floor reference, by :func:`.verify.parity_rules`. Returns the JSON summary (``failures`` include the gate's)."""
+    from .verify import Tolerances, compare, parity_rules
+
+    tolerances, gate = parity_rules(precision, max_rel_l2=overrides.max_rel_l2, atol=overrides.atol,
+                                    rtol=overrides.rtol, factor=overrides.factor)
+    ref = _run_part(module, feeds, torch.float32, names)
+    exact = _run_part(copy_as(module, torch.float64), feeds, torch.float64, names)
+    floor, reference, note = ref, "torch fp32", None
+    if floor_precision(precision) == "fp16":
+        reference = "torch fp16"
+        try:
+            floor = _run_part(copy_as(module, torch.float16), feeds, torch.float16, names)
+        except (RuntimeError, NotImplementedError) as exc:  # an op without a CPU fp16 kernel
+            floor, note = None, f"PyTorch fp16 cannot run {name} on CPU ({str(exc).splitlines()[0][:120]})"
+    if floor is None:  # no fp16 floor for this part: fixed thresholds (the given ones, else its precision's)
+        tolerances, gate = tolerances or Tolerances.for_precision(precision), None
+    judged = "fixed thresholds" if tolerances is not None else "calibrated gate"
+    report = compare(ref, out, tolerances=tolerances or Tolerances(None, None), case=name)
+    rows = [] if gate is None else judge_against_floor(exact, floor, out, gate=gate, case=name,
+                                                        reference=reference)
+    enforced = gate is not None and gate.enforced
+    summary = report.summary()
+    summary["failures"] += [f"{r.output}: {f}" for r in rows for f in r.failures] if enforced else []
+    summary["passed"] = not summary["failures"]
+    return {**summary, "precision": precision, "judged_by": judged, "note": note,
+            "tolerances": None if tolerances is None else asdict(tolerances),
+            "gate": None if gate is None else {**asdict(gate), **summarize(rows), "reference": reference,
+                                               "rows": [r.as_dict() for r in rows]}}
+
+
+def _run_part(module: torch.nn.Module, feeds: dict[str, torch.Tensor], dtype: torch.dtype,
+              names: list[str]) -> dict[str, np.ndarray]:
+    """``module``'s outputs on ``feeds`` (float inputs cast to ``dtype``, token ids kept) as float64 arrays named
+    after the ONNX outputs, in order."""
+    args = [v.to(dtype) if v.is_floating_point() else v for v in feeds.values()]
+    with torch.no_grad():
+        outputs = module(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {n: o.double().numpy() for n, o in zip(names, outputs)}
 
 
 def _part_feeds(part: dict[str, Any], sizes: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -135,13 +191,14 @@ def _part_module(name: str, part: dict[str, Any], manifest: BundleManifest, sour
 def verify_bundle(folder: Path, *, model: str | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,
                   seeds: tuple[int, ...] = (0,), steps: int = 10, guidance: float = 4.0,
                   scheduler: str | None = None, min_psnr_db: float | None = None,
-                  skip_digest: bool = False) -> BundleVerifyResult:
-    """Parts, then end to end (see the module docstring)."""
+                  skip_digest: bool = False, overrides: PartOverrides = PartOverrides()) -> BundleVerifyResult:
+    """Parts (``overrides``: fixed thresholds or ``--factor`` for them), then end to end (see the module
+    docstring)."""
     manifest = check_bundle(folder, skip_digest=skip_digest)
     pipe, sources = reference_pipeline(manifest, model=model, scheduler=scheduler)
     result = BundleVerifyResult(min_psnr_db=min_psnr_db if min_psnr_db is not None else
                                 MIN_PSNR.get(manifest.precision, 40.0))
-    result.parts = verify_parts(Path(folder), manifest, sources)
+    result.parts = verify_parts(Path(folder), manifest, sources, overrides)
     result.failures += [f"{name}: {f}" for name, s in result.parts.items() for f in s["failures"]]
     image = manifest.image
     height, width = image["height"], image["width"]
