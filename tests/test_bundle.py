@@ -265,9 +265,20 @@ def test_bad_bundles_and_options_exit_2(toy_bundle, tmp_path, capsys):
     code, err = _cli(capsys, "verify", tampered)
     assert code == 2 and "modified after export" in err
     assert not out.exists()
-    code, err = _cli(capsys, "export", "--pipeline", "--model", "toy", "--target", "coreml", "--out",
-                     tmp_path / "coreml")
-    assert code == 2 and "not implemented" in err and not (tmp_path / "coreml").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("user data\n")
+    for bad, says in ((tmp_path / "x.jpg", "write a .png file"), (tmp_path, "is a folder"),
+                      (blocker, "write a .png file"), (blocker / "x.png", "cannot write there")):
+        code, err = _cli(capsys, "generate", toy_bundle, "--prompt", PROMPT, "--out", bad)
+        assert code == 2 and says in err and err.count("\n") == 1, (bad, err)
+    existing = tmp_path / "kept.png"
+    existing.write_bytes(b"not ours")
+    code, err = _cli(capsys, "generate", toy_bundle, "--prompt", PROMPT, "--out", existing)
+    assert code == 2 and "pass --force" in err and existing.read_bytes() == b"not ours"
+    assert blocker.read_text() == "user data\n"
+    code, err = _cli(capsys, "export", "--pipeline", "--model", "toy", "--target", "onnx", "--chunk-unet", "--out",
+                     tmp_path / "chunked")  # Core ML bundles themselves: tests/test_bundle_coreml.py
+    assert code == 2 and "needs --target coreml" in err and not (tmp_path / "chunked").exists()
 
 
 # -- slow: SDXL, fp16, students, ORT Mobile -----------------------------------------------------------------------

@@ -9,12 +9,9 @@ Pillow). The other two import torch when they run.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from ..errors import LaptopDeployError, OutputError
+from ..errors import LaptopDeployError
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -60,22 +57,14 @@ def export_pipeline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return result, "\n".join(lines)
 
 
-def _check_image_out(out: Path, *, force: bool) -> None:
-    if out.suffix.lower() != ".png":
-        raise OutputError(f"--out {out}: write a .png file")
-    if out.is_dir():
-        raise OutputError(f"--out {out} is a folder; give a .png file path")
-    if out.exists() and not force:
-        raise OutputError(f"--out {out} exists; pass --force to replace it")
-
-
 def generate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """``generate BUNDLE``: torch-free; bad bundle / size / scheduler → exit 2 before any part loads."""
     from ..deploy.bundle_format import check_bundle
     from ..deploy.generate import GenerateOptions, generate as run, save_png
     from ..deploy.schedulers import make_scheduler
+    from ..outputs import prepare_output_file, replace_file
 
-    _check_image_out(args.out, force=args.force)
+    prepare_output_file(args.out, force=args.force, suffix=".png")
     manifest = check_bundle(args.bundle, skip_digest=args.skip_digest)
     if manifest.target == "coreml":
         raise LaptopDeployError(coreml_refusal("generate"))
@@ -84,14 +73,7 @@ def generate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                               guidance=args.guidance, seed=args.seed, scheduler=args.scheduler, height=args.height,
                               width=args.width, sequential=args.sequential, threads=args.threads)
     result = run(args.bundle, options, manifest=manifest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", suffix=".png", dir=args.out.parent or Path("."))
-    os.close(fd)
-    try:  # atomically: a failure leaves no half-written image
-        save_png(result, Path(tmp))
-        os.replace(tmp, args.out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(args.out, lambda tmp: save_png(result, tmp))  # a failure leaves no half-written image
     data = {"out": str(args.out), **result.as_dict()}
     lat = result.latency_ms
     text = (f"wrote {args.out} ({data['width']}x{data['height']}, {args.steps} steps, seed {args.seed}); "

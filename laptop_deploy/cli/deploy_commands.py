@@ -16,6 +16,9 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         from .bundle_commands import export_pipeline
 
         return export_pipeline(args)
+    if getattr(args, "chunk_unet", False):
+        raise LaptopDeployError("--chunk-unet splits the U-Net of an app bundle: use it with --pipeline "
+                                "--target coreml")
     from ..exporters import get_exporter
     from ..deploy.manifest import model_hash
     from ..models.sources import resolve_model

@@ -111,7 +111,8 @@ def _generate_parser(verbs: Any) -> None:
     gen.add_argument("--out", required=True, type=Path, metavar="IMAGE.png", help="PNG file to write")
     gen.add_argument("--force", action="store_true", help="replace an existing --out file")
     gen.add_argument("--sequential", action="store_true",
-                     help="load one part at a time and free it (text encoder, U-Net, VAE decoder): low memory")
+                     help="load one part at a time and free it (text encoder, U-Net, VAE decoder) and run the "
+                          "guidance pair one image per U-Net call: low memory")
     gen.add_argument("--threads", type=int, metavar="N", help="intra-op threads of ONNX Runtime")
     _digest_arg(gen)
     _common(gen)
@@ -283,8 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, metavar="DIR", help="artifact folder to write")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     export.add_argument("--pipeline", action="store_true",
-                        help="the whole text-to-image pipeline as an app bundle (onnx, ort-mobile): text "
+                        help="the whole text-to-image pipeline as an app bundle (onnx, ort-mobile, coreml): text "
                              "encoder(s), U-Net, VAE, tokenizer(s), scheduler in the diffusers ONNX layout")
+    export.add_argument("--chunk-unet", action="store_true",
+                        help="--pipeline --target coreml: split the U-Net into UnetChunk1/UnetChunk2.mlpackage "
+                             "(Apple's layout for the Neural Engine's size limit)")
     _tensorrt_args(export.add_argument_group("TensorRT (--target trt)"))
     _coreml_args(export.add_argument_group("Core ML (--target coreml)"))
     _executorch_args(export.add_argument_group("ExecuTorch (--target executorch)"))

@@ -5,7 +5,7 @@ teacher its metadata records); text encoder(s), VAE, tokenizer(s) and scheduler 
 (``toy``, ``random:*`` presets, pipeline folders). Each part is traced and finished by the ONNX exporter
 (:func:`laptop_deploy.exporters.onnx.export_fp32` / ``finish_artifact``: optional slim, fp16 with its block list,
 checks against the part's ExportSpec, the part's own ``manifest.json``); ``ort-mobile`` converts each part to
-``model.ort``. The toy's space-to-depth VAE is exported as an ONNX graph like any other VAE (a DepthToSpace).
+``model.ort``; ``coreml`` goes to :mod:`.bundle_coreml` (Apple's Resources naming). The toy's space-to-depth VAE is exported as an ONNX graph like any other VAE (a DepthToSpace).
 """
 
 from __future__ import annotations
@@ -26,19 +26,21 @@ from ..models.sources import ModelSource, resolve_model
 from ..models.student import read_student_meta
 from ..models.unet_io import downsample_factor
 from .bundle_format import MODEL_INDEX, BundleManifest, describe_tree, write_bundle_manifest
-from .bundle_parts import (FP32_PARTS, VAE_PARTS, text_encoder_spec, text_encoder_wrapper, vae_example,
-                           vae_scale_factor, vae_spec)
+from .bundle_parts import (FP32_PARTS, VAE_PARTS, save_tokenizer, text_encoder_spec, text_encoder_wrapper,
+                           vae_example, vae_scale_factor, vae_spec)
 from .manifest import Manifest, model_hash, tool_versions, write_manifest
 from .spec import ExportSpec, build_spec
 
-BUNDLE_TARGETS = ("onnx", "ort-mobile")
+BUNDLE_TARGETS = ("onnx", "ort-mobile", "coreml")
 
 
 @dataclass(frozen=True)
 class BundleOptions:
     """``precision`` of the text encoders and U-Net (the VAE stays fp32); ``height``/``width``: the default
-    latent size (every axis is dynamic). The VAE encoder is always exported: diffusers' ONNX pipelines require
-    it (img2img)."""
+    latent size (every axis is dynamic; Core ML: the one fixed size). The VAE encoder is always exported:
+    diffusers' ONNX pipelines require it (img2img). Core ML (:mod:`.bundle_coreml`): ``coreml`` is the exporter's
+    ``CoreMLOptions`` (compute units, deployment target, U-Net weight compression), ``chunk_unet`` splits the
+    U-Net in two packages."""
 
     target: str = "onnx"
     precision: str = "fp32"
@@ -48,11 +50,23 @@ class BundleOptions:
     opset: int = 18
     slim: bool = False
     seed: int = 0
+    chunk_unet: bool = False
+    coreml: Any = None  # exporters.coreml.CoreMLOptions (typed loosely: importing it imports coremltools)
 
     def check(self) -> None:
         if self.target not in BUNDLE_TARGETS:
             raise LaptopDeployError(f"--pipeline --target {self.target}: bundles are written for "
-                                    f"{', '.join(BUNDLE_TARGETS)} (Core ML bundles are not implemented yet)")
+                                    f"{', '.join(BUNDLE_TARGETS)}")
+        if self.chunk_unet and self.target != "coreml":
+            raise LaptopDeployError(f"--chunk-unet splits the U-Net for Core ML's Neural Engine; it needs "
+                                    f"--target coreml, not {self.target}")
+        if self.target == "coreml":
+            if self.coreml is None:
+                raise LaptopDeployError("--target coreml bundle: Core ML options are missing")
+            self.coreml.check()
+            if self.coreml.sizes:
+                raise LaptopDeployError("--coreml-sizes: a Core ML bundle has one fixed size (every part shares "
+                                        "it); choose it with --height/--width")
 
 
 @dataclass
@@ -94,9 +108,13 @@ def _plan_hash(folder: Path, removed: list[str]) -> str:
 
 def export_bundle(sources: BundleSources, out: Path, options: BundleOptions) -> BundleManifest:
     """Write the bundle into the (empty, temporary) folder ``out``; returns its manifest."""
-    from ..exporters.console import peak_rss_mb
+    from ..memory import peak_rss_mb
 
     options.check()
+    if options.target == "coreml":
+        from .bundle_coreml import export_coreml_bundle
+
+        return export_coreml_bundle(sources, out, options)
     start = time.perf_counter()
     unet, parts = sources.unet.unet, sources.parts
     family = sources.unet.family
@@ -112,7 +130,7 @@ def export_bundle(sources: BundleSources, out: Path, options: BundleOptions) -> 
     encoders = ["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]
     for index, name in enumerate(encoders):
         tok_name = "tokenizer" if index == 0 else "tokenizer_2"
-        tokenizers[tok_name], ids = _save_tokenizer(parts.part(tok_name), out / tok_name)
+        tokenizers[tok_name], ids = save_tokenizer(parts.part(tok_name), out / tok_name)
         encoder = parts.part(name).eval()
         spec = text_encoder_spec(encoder, tokens=ids.shape[1], hidden_states=sdxl, precision=options.precision)
         wrapper = text_encoder_wrapper(encoder, hidden_states=sdxl)
@@ -151,22 +169,6 @@ def _vae_wrapper(name: str, vae: nn.Module) -> nn.Module:
     from .bundle_parts import VaeDecoderWrapper, VaeEncoderWrapper
 
     return (VaeDecoderWrapper if name == "vae_decoder" else VaeEncoderWrapper)(vae).eval()
-
-
-def _save_tokenizer(tokenizer: Any, folder: Path) -> tuple[dict[str, Any], Any]:
-    """Save ``tokenizer`` (transformers' files, including ``tokenizer.json``) and return its manifest entry and
-    example ids (int32 [2, length]) for tracing."""
-    import torch
-
-    tokenizer.save_pretrained(folder)
-    if not (folder / "tokenizer.json").is_file():
-        raise LaptopDeployError(f"{folder}: the tokenizer wrote no tokenizer.json (a slow-only tokenizer); the "
-                                f"app loop reads that file")
-    length = tokenizer.model_max_length
-    ids = tokenizer(["a photo", ""], padding="max_length", max_length=length, truncation=True).input_ids
-    entry = {"file": f"{folder.name}/tokenizer.json", "max_length": length, "pad_id": tokenizer.pad_token_id,
-             "pad_token": tokenizer.pad_token}
-    return entry, torch.tensor(ids, dtype=torch.int32)
 
 
 def _export_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, options: BundleOptions, *,

@@ -14,7 +14,10 @@
     scheduler/scheduler_config.json  the source's scheduler config, unchanged
 
 ORT Mobile bundles have ``model.ort`` in place of ``model.onnx``. Every part folder also holds the part's own
-``manifest.json`` (the single-artifact format of :mod:`laptop_deploy.deploy.manifest`).
+``manifest.json`` (the single-artifact format of :mod:`laptop_deploy.deploy.manifest`). Core ML bundles
+(:mod:`.bundle_coreml`) use Apple's Resources names instead (``TextEncoder.mlpackage``, ``Unet.mlpackage`` or
+``UnetChunk1/2.mlpackage``, ``VAEDecoder.mlpackage``, ``vocab.json``, ``merges.txt``…): a part's ``model_file`` is
+then a package folder, and ``files`` lists every file inside it.
 
 This module is imported by the torch-free app loop (:mod:`.generate`): it may import only the standard library and
 numpy. :func:`check_bundle` is the digest check every verb that loads a bundle runs first.
@@ -122,7 +125,9 @@ def check_bundle(folder: Path, *, skip_digest: bool = False) -> BundleManifest:
     folder = Path(folder)
     manifest = read_bundle_manifest(folder)
     for name, part in manifest.parts.items():
-        if part.get("model_file") not in manifest.files:
+        model_file = part.get("model_file")
+        # a Core ML part is a package folder: the manifest lists the files inside it
+        if model_file not in manifest.files and not any(f.startswith(f"{model_file}/") for f in manifest.files):
             raise BundleError(f"{folder / MANIFEST}: part '{name}' model file {part.get('model_file')!r} is not "
                               f"among its files")
     check_files(folder, manifest.files, skip_digest=skip_digest, error=BundleError)

@@ -15,11 +15,13 @@ Every axis but the token axis is dynamic (CFG doubles the batch; the app picks t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import LaptopDeployError
 from .spec import ExportSpec, TensorSpec
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
@@ -104,3 +106,17 @@ def vae_example(part: str, *, latent_channels: int, height: int, width: int, fac
 def vae_scale_factor(vae: Any) -> int:
     """Image pixels per latent pixel: 2^(VAE blocks − 1), as diffusers derives it."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> tuple[dict[str, Any], Any]:
+    """Save ``tokenizer`` (transformers' files, including ``tokenizer.json``) and return its manifest entry and
+    example ids (int32 [2, length]) for tracing."""
+    tokenizer.save_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise LaptopDeployError(f"{folder}: the tokenizer wrote no tokenizer.json (a slow-only tokenizer); the "
+                                f"app loop reads that file")
+    length = tokenizer.model_max_length
+    ids = tokenizer(["a photo", ""], padding="max_length", max_length=length, truncation=True).input_ids
+    entry = {"file": f"{folder.name}/tokenizer.json", "max_length": length, "pad_id": tokenizer.pad_token_id,
+             "pad_token": tokenizer.pad_token}
+    return entry, torch.tensor(ids, dtype=torch.int32)
