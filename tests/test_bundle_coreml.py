@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("coremltools", reason="Core ML bundles need the [coreml] extra: pip install '.[coreml]'")
 
