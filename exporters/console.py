@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import resource
 import sys
 import tempfile
 import warnings
@@ -57,9 +56,3 @@ def quiet(logger_name: str, *, python_stderr: bool = False) -> Iterator[None]:
         for fd in saved:
             os.close(fd)
         logger.setLevel(level)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

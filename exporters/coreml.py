@@ -49,7 +49,8 @@ from ..deploy.manifest import Manifest, file_entry, tool_versions, write_manifes
 from ..deploy.spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
 from ..deploy.noise_floor import TRACED_FACTORS, Gate, copy_as, floor_row
 from ..deploy.verify import Tolerances, compare
-from .console import peak_rss_mb, quiet
+from ..memory import peak_rss_mb
+from .console import quiet
 
 MODEL_DIR = "model.mlpackage"
 WEIGHTS_DIR = "Data/com.apple.CoreML/weights"

@@ -43,7 +43,8 @@ from ..deploy.manifest import Manifest, describe_files, tool_versions, write_man
 from ..deploy.noise_floor import Gate, copy_as, floor_row
 from ..deploy.spec import ExportSpec, torch_inputs, wrap_unet
 from ..deploy.verify import Tolerances, compare
-from .console import peak_rss_mb, quiet
+from ..memory import peak_rss_mb
+from .console import quiet
 
 PTE_FILE = "model.pte"
 PRECISIONS = ("fp32",)

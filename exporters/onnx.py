@@ -32,7 +32,8 @@ from torch import nn
 from ..errors import LaptopDeployError
 from ..deploy.manifest import Manifest, describe_files, tool_versions, write_manifest
 from ..deploy.spec import FP32_INPUTS, ExportSpec, torch_inputs, wrap_unet
-from .console import peak_rss_mb, quiet
+from ..memory import peak_rss_mb
+from .console import quiet
 from .onnx_files import DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT, save_onnx
 from .onnx_fp16 import convert_to_fp16
 from .onnx_int8 import INT8_PRECISIONS, Int8Options, quantize_onnx

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..deploy.manifest import Manifest, describe_files, tool_versions, write_manifest
 from ..deploy.spec import ExportSpec
-from .onnx import MODEL_FILE, PRECISIONS, ExportError, OnnxOptions, peak_rss_mb  # noqa: F401 - PRECISIONS: same
+from ..memory import peak_rss_mb
+from .onnx import MODEL_FILE, PRECISIONS, ExportError, OnnxOptions  # noqa: F401 - PRECISIONS: same
 
 ORT_FILE = "model.ort"
 FLATBUFFER_LIMIT = 2**31 - 2**26

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..deploy.manifest import Manifest, describe_files, tool_versions, write_manifest
 from ..deploy.spec import ExportSpec
-from .onnx import DATA_FILE, MODEL_FILE, OnnxOptions, peak_rss_mb
+from ..memory import peak_rss_mb
+from .onnx import DATA_FILE, MODEL_FILE, OnnxOptions
 from .tensorrt_plan import (
     DEFAULT_OPT_LEVEL,
     TIMING_CACHE_FILE,

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from deploy_fixtures import tiny_source, torch_threads
-from laptop_deploy.deploy.bench import (RssSampler, bench_many, bench_runner, current_rss_mb, environment, format_table,
-                                 matmul_gflops, ratios)
+from laptop_deploy.deploy.bench import (RssSampler, bench_many, bench_runner, environment, format_table, matmul_gflops,
+                                        ratios)
 from laptop_deploy.errors import LaptopDeployError
+from laptop_deploy.memory import current_rss_mb
 from laptop_deploy.runtimes.pytorch import TorchRunner
 from laptop_deploy.deploy.spec import build_spec
 

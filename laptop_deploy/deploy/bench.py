@@ -11,8 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import resource
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LaptopDeployError
+from ..memory import current_rss_mb
 from .manifest import tool_versions
 
 PERCENTILES = (50, 90, 99)
@@ -51,16 +50,6 @@ class BenchResult:
         data = asdict(self)
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in data.items()} | \
             {"times_ms": [round(t, 3) for t in self.times_ms]}
-
-
-def current_rss_mb() -> float:
-    """Resident set size of this process now, in MiB (Linux ``/proc``; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 class RssSampler:

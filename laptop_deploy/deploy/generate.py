@@ -1,7 +1,8 @@
 """The reference app loop: text → image from a bundle, with onnxruntime, numpy, ``tokenizers`` and Pillow only.
 
 What an app embeds, in the order it runs (``--sequential`` loads each part just before it runs and frees it after,
-as 4–6 GB phones need; otherwise every part is loaded first)::
+and runs the guidance pair through the U-Net one image at a time, as 4–6 GB phones need; otherwise every part is
+loaded first)::
 
     tokenizer(s)   prompt → input_ids int32 [1, 77] (truncated, padded with the tokenizer's pad id)
     text encoder   SD-1.x/2.x: last_hidden_state; SDXL: penultimate hidden states of both encoders, concatenated,
@@ -18,7 +19,6 @@ import torch or diffusers (a test runs it in a subprocess and checks ``sys.modul
 from __future__ import annotations
 
 import gc
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..memory import current_rss_mb, peak_rss_mb
 from .bundle_format import BundleError, BundleManifest, check_bundle
 from .schedulers import make_scheduler
 
@@ -76,28 +77,6 @@ class GenerateResult:
 def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """N(0, 1) float32 latents of ``shape`` from numpy's PCG64 (the draw both ``generate`` and ``verify`` use)."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-
-
-def current_rss_mb() -> float:
-    """Resident memory now (MB), from /proc on Linux; the peak elsewhere."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * resource.getpagesize() / 1e6
-    except (OSError, IndexError, ValueError):
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (MB). Linux: VmHWM of /proc/self/status — ``ru_maxrss`` keeps the
-    high-water mark of the process that forked us (a 800 MB Python parent reads as an 800 MB peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except (OSError, ValueError, IndexError):
-        pass
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e6
 
 
 class Bundle:
@@ -237,9 +216,7 @@ def generate(folder: Path, options: GenerateOptions, *, latents: np.ndarray | No
     steps = _progress(range(len(scheduler.timesteps)), options.progress)
     for index in steps:
         model_in = scheduler.scale_model_input(np.concatenate([x, x]) if cfg else x, index)
-        batch = model_in.shape[0]
-        feeds = {"sample": model_in, "timestep": np.full(batch, scheduler.timesteps[index], np.float32), **cond}
-        out = bundle.run("unet", feeds)["out_sample"].astype(np.float32)
+        out = _unet(bundle, model_in, scheduler.timesteps[index], cond, one_by_one=options.sequential)
         if cfg:
             uncond, text = out[:1], out[1:]
             out = uncond + np.float32(options.guidance) * (text - uncond)
@@ -257,6 +234,21 @@ def generate(folder: Path, options: GenerateOptions, *, latents: np.ndarray | No
                 "sequential": options.sequential, "target": manifest.target, "precision": manifest.precision}
     return GenerateResult(image=picture, latency_ms=bundle.latency_ms, calls=bundle.calls, rss_mb=rss,
                           peak_rss_mb=peak_rss_mb(), settings=settings)
+
+
+def _unet(bundle: Bundle, sample: np.ndarray, timestep: float, cond: dict[str, np.ndarray], *,
+          one_by_one: bool) -> np.ndarray:
+    """ε for every row of ``sample`` [B, C, h, w] (float32). ``one_by_one`` (``--sequential``) runs the guidance
+    pair as B calls of batch 1: the same numbers, and half the activation memory — at 512×512 each attention score
+    tensor of SD-1.5's 4096-token layers is 8 heads × 4096² fp32 = 0.5 GiB per image, more than any other buffer."""
+    rows = [slice(i, i + 1) for i in range(sample.shape[0])] if one_by_one else [slice(None)]
+    outs = []
+    for row in rows:
+        part = sample[row]
+        feeds = {"sample": part, "timestep": np.full(part.shape[0], timestep, np.float32),
+                 **{name: value[row] for name, value in cond.items()}}
+        outs.append(bundle.run("unet", feeds)["out_sample"].astype(np.float32))
+    return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
 def _progress(items: range, show: bool):

@@ -368,9 +368,9 @@ class DistillRun:
         if device.type == "cuda":
             peak = {"cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
         else:
-            import resource
+            from ..memory import peak_rss_mb
 
-            peak = {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            peak = {"cpu_peak_rss_mb": peak_rss_mb()}
         return {
             "teacher": self.teacher_info, "student": self.student_info, "data": self.data.description,
             "options": {**asdict(opts), "lambda_task": self.lambda_task}, "stages": names,
