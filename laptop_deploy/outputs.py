@@ -199,3 +199,38 @@ def fresh_folder(out: str | os.PathLike[str], *, force: bool = False, kind: str,
     """Replace ``out`` (atomically, as :func:`write_atomically`) by a folder holding only the marker, for a
     command that fills it step by step (a distillation run); ``entries`` are the names it will write."""
     return write_atomically(out, lambda tmp: None, force=force, kind=kind, entries=entries, flag=flag)
+
+
+def prepare_output_file(out: str | os.PathLike[str], *, force: bool = False, flag: str = "--out",
+                        suffix: str | None = None) -> Path:
+    """Check an output *file* (an image) before any work, as :func:`prepare_output` does a folder: the suffix, not
+    a folder or a link, an existing file only with ``force``, and a parent that can be written (probed; created
+    by :func:`replace_file`). Returns it as a Path. Creates nothing."""
+    out = as_path(out, what=flag)
+    if suffix and out.suffix.lower() != suffix:
+        raise OutputError(f"{flag} {out}: write a {suffix} file")
+    if out.is_symlink():
+        raise OutputError(f"{flag} {out} is a symbolic link; give the real file path")
+    if out.is_dir():
+        raise OutputError(f"{flag} {out} is a folder; give a file path")
+    if out.exists() and not force:
+        raise OutputError(f"{flag} {out} exists; pass --force to replace it")
+    _probe_writable(out, flag)
+    return out
+
+
+def replace_file(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it over ``path``: a reader sees the
+    old file or the new one, never half of one, and a failure leaves ``path`` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.new-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import LaptopDeployError
+from ..outputs import replace_file
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 24  # 16 MiB reads: sha256 runs at ~0.5-1 GB/s per core, a full-size U-Net hashes in a few seconds
@@ -62,14 +61,4 @@ def check_files(folder: Path, files: Mapping[str, Mapping[str, Any]], *, skip_di
 def write_json_atomically(path: Path, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` through a temporary sibling and a rename: a reader sees the old
     file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return replace_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..distill.data import task_target
+from ..errors import OutputError
+from ..outputs import prepare_output, write_atomically
 from .dataset import make_dataset
 from .model import SCHEDULE, build_parts, save_teacher
 
@@ -113,6 +115,7 @@ def load_parts(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--force", action="store_true", help="replace an earlier teacher folder of ours")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=24000)
     parser.add_argument("--steps", type=int, default=2000)
@@ -129,8 +132,12 @@ def main(argv: list[str] | None = None) -> None:
                              f"folder's)")
     parser.add_argument("--init", type=Path, help="continue from the weights of this pipeline folder")
     args = parser.parse_args(argv)
+    try:
+        args.out = prepare_output(args.out, force=args.force)  # before any work: never into a user's folder
+    except OutputError as exc:
+        parser.exit(2, f"error: {exc}\n")
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     log_file = (args.out.parent / f"{args.out.name}.log.jsonl").open("a")
 
     def log(record: dict) -> None:
@@ -154,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def checkpoint(step: int, ema_unet, ema_text) -> None:
         saving = time.time()
-        save_teacher({**parts, "unet": ema_unet, "text_encoder": ema_text}, args.out)
+        # each checkpoint replaces the last atomically: a kill mid-save leaves the previous one whole
+        write_atomically(args.out, lambda tmp: save_teacher({**parts, "unet": ema_unet, "text_encoder": ema_text},
+                                                            tmp), force=True, kind="toy-teacher")
         log({"phase": "checkpoint", "step": step, "elapsed_s": round(time.time() - started, 1),
              "save_s": round(time.time() - saving, 1)})
 
