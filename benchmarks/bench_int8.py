@@ -69,6 +69,7 @@ def timed_interleaved(paths: dict[str, Path], spec: Any, *, repeats: int, thread
     feeds = spec.with_precision("fp32").example_feeds(seed=0)
     runners = {k: OrtRunner(p, spec=spec.with_precision("fp32"), intra_op_threads=threads) for k, p in paths.items()}
     times: dict[str, list[float]] = {k: [] for k in paths}
+    print(f"timing {', '.join(paths)} interleaved, {repeats} rounds", file=sys.stderr, flush=True)
     for runner in runners.values():
         runner.__enter__()
         runner.infer(feeds)  # warm-up

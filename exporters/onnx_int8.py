@@ -5,7 +5,8 @@ tools (``onnxruntime.quantization``) behind a quality gate.
 
 1. capture calibration and held-out inputs from real denoising loops of the model (:mod:`.int8_calib`);
 2. ``quant_pre_process`` (ONNX shape inference + ORT's basic graph optimisations, what ORT asks for before
-   quantizing); symbolic shape inference is skipped (the U-Net's shapes are static per export or named axes);
+   quantizing); symbolic shape inference is skipped (the U-Net's shapes are static per export or named axes); a
+   graph with external weights gets ONNX shape inference alone, so the weights are never loaded here;
 3. calibrate once (``calibrate_method``: MinMax, Entropy or Percentile) into a calibration cache, then
    ``quantize_static`` in QDQ format: per-channel symmetric int8 weights, asymmetric uint8 activations (what ORT
    recommends on x86 with VNNI: ``reduce_range`` off), Conv / MatMul / Gemm only — their QDQ groups are the
@@ -27,6 +28,8 @@ fails).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +44,7 @@ from ..deploy.spec import ExportSpec
 from ..errors import CheckFailed, LaptopDeployError
 from .int8_calib import Captured, capture, read_prompts
 from .int8_graph import QUANT_OPS, executed_ops, node_groups, node_macs, weights_only
-from .onnx_files import name_nodes, save_onnx
+from .onnx_files import DATA_FILE, name_nodes, save_onnx
 
 INT8_PRECISIONS = ("int8", "int8-weights")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -117,16 +120,38 @@ def quantize_onnx(fp32: Path, unet: nn.Module, spec: ExportSpec, stage: Path, *,
 
 
 def preprocess(fp32: Path, out: Path) -> Path:
-    """``quant_pre_process`` (shape inference + ORT basic optimisations) into ``out``, nodes named uniquely."""
+    """``quant_pre_process`` (shape inference + ORT basic optimisations) into ``out``, nodes named uniquely.
+    A graph with external weights (> 2 GiB: SD-1.5 and up) takes :func:`_preprocess_external` instead."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    external = fp32.with_name(fp32.name + ".data").exists()
-    quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True, save_as_external_data=external,
-                      all_tensors_to_one_file=True, external_data_location="model.onnx.data" if external else None)
+    if fp32.with_name(DATA_FILE).exists():
+        return _preprocess_external(fp32, out)
+    quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
     model = onnx.load(str(out))
     name_nodes(model.graph)
     return save_onnx(model, out)
+
+
+def _preprocess_external(fp32: Path, out: Path) -> Path:
+    """ONNX shape inference on the graph alone, the weights file linked (or copied) unchanged; no ORT optimisation.
+
+    ``quant_pre_process`` holds the whole model several times at once (``onnx.load``, an ORT session writing the
+    optimised model, shape inference on it): on SD-1.5 (3.4 GB of weights) that reached 22 GB and was OOM-killed
+    beside the PyTorch U-Net. Here the weights are never read: ``infer_shapes_path`` works on the graph file, whose
+    initializers point at ``model.onnx.data`` by name. The basic optimisations skipped are redone by ORT when it
+    loads the quantized model (the OrtRunner enables all)."""
+    data = out.with_name(DATA_FILE)
+    data.unlink(missing_ok=True)
+    try:
+        os.link(fp32.with_name(DATA_FILE), data)  # the same bytes, no copy (the stage folder is beside the fp32)
+    except OSError:
+        shutil.copyfile(fp32.with_name(DATA_FILE), data)
+    onnx.shape_inference.infer_shapes_path(str(fp32), str(out))
+    model = onnx.load(str(out), load_external_data=False)
+    name_nodes(model.graph)
+    onnx.save_model(model, str(out))  # the graph only: its initializers still name model.onnx.data
+    return out
 
 
 class _Reader:

@@ -176,3 +176,29 @@ def test_gate_keeps_the_most_sensitive_groups_float(tiny_onnx_fp32, tmp_path):
     assert info["int8_kept_float_groups"] == list(sensitivity)[:len(info["int8_kept_float_groups"])]
     assert 0 < info["int8_float_mac_share"] <= 0.9 and info["int8_kept_float_nodes"]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_preprocess_of_an_external_weights_graph_keeps_the_weights_file_and_the_function(tiny_onnx_fp32,
+                                                                                        tmp_path):
+    """Graphs above 2 GiB (SD-1.5) keep their weights in model.onnx.data; preprocess must infer shapes on the graph
+    alone (quant_pre_process on SD-1.5 was OOM-killed) and leave a model that computes the same thing."""
+    import onnxruntime as ort
+
+    from laptop_deploy.exporters.onnx_files import DATA_FILE, MODEL_FILE
+    from laptop_deploy.exporters.onnx_int8 import preprocess
+
+    _, folder = tiny_onnx_fp32
+    model = onnx.load(str(folder / MODEL_FILE))
+    src = tmp_path / "fp32" / MODEL_FILE
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
+                    size_threshold=0)
+    out = preprocess(src, tmp_path / "pre" / MODEL_FILE)
+    assert (out.parent / DATA_FILE).read_bytes() == (src.parent / DATA_FILE).read_bytes()
+    graph = onnx.load(str(out), load_external_data=False).graph
+    assert len(graph.value_info) > 0, "shape inference ran"
+    assert len({n.name for n in graph.node}) == len(graph.node) and all(n.name for n in graph.node)
+    assert out.stat().st_size < (out.parent / DATA_FILE).stat().st_size / 10, "the graph file holds no weights"
+    feeds = read_manifest(folder).spec.example_feeds(seed=3)
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (src, out))
+    np.testing.assert_array_equal(a, b)
