@@ -55,6 +55,9 @@ def test_refinement_escapes_an_interacting_pair_the_knapsack_walks_into():
     assert record.one_shot_passes == 1 and record.passes == len(calls) - 2  # the two joint() calls outside
     assert record.passes == sum(r.passes for r in record.rounds)
     assert record.rounds[0].passes == len(units) + len(record.rounds[0].proposals)
+    assert all(r.passes + r.reused == len(units) + len(r.proposals) for r in record.rounds)
+    measured = calls[:-1]  # the last call is this test's own joint(final) above
+    assert len({frozenset(c) for c in measured}) == len(measured), "no set is measured twice"
     assert record.rounds[-1].accepted is None and record.stopped.startswith("converged")
     assert all(r.joint <= record.one_shot_joint for r in record.rounds)
 
@@ -73,8 +76,10 @@ def test_refined_plan_never_worse_and_every_pass_is_counted(refined_plan):
     assert plan.removed == ref["final"] and ref["rounds"]
     previous = ref["one_shot_joint"]
     for r in ref["rounds"]:  # a round keeps the lowest of its current set and its measured proposals
-        assert r["passes"] == n + len(r["proposals"]) and set(r["marginals"]) == {e.layer.name
-                                                                                  for e in plan.inventory.prunable}
+        assert r["passes"] + r["reused"] == n + len(r["proposals"])
+        assert set(r["marginals"]) == {e.layer.name for e in plan.inventory.prunable}
+        after_swap = r["index"] > 1 and (ref["rounds"][r["index"] - 2]["accepted"] or "").startswith("swap")
+        assert r["reused"] >= (2 if after_swap else 0)  # S ∖ {j} and S ∪ {i} were the last round's marginals
         assert r["joint"] == min([previous] + [p["joint"] for p in r["proposals"]])
         assert (r["accepted"] is None) == (r["joint"] == previous)
         previous = r["joint"]
