@@ -148,27 +148,6 @@ def test_recipe_errors_exit_2_with_nothing_written(tmp_path, capsys, extra, mess
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not out.exists()
 
 
-def test_latency_budget_is_refused_by_name_until_latency_pruning_exists(tmp_path, capsys):
-    from laptop_deploy.compress.recipe import latency_support
-
-    if latency_support() is None:
-        pytest.skip("latency budgets are supported in this build (the profile stage runs instead)")
-    out = tmp_path / "run"
-    assert main(["compress", "--model", "random:tiny-sd15", "--budget", "latency=0.3", "--out", str(out)]) == 2
-    assert "issue 15" in capsys.readouterr().err and not out.exists()
-
-
-def test_pipeline_is_refused_by_name_until_bundles_exist(tmp_path, capsys):
-    from laptop_deploy.compress.recipe import pipeline_support
-
-    if pipeline_support() is None:
-        pytest.skip("app bundles are supported in this build (test_pipeline_chain covers --pipeline)")
-    out = tmp_path / "run"
-    assert main(["compress", "--model", "random:tiny-sd15", "--budget", "params=0.3", "--pipeline",
-                 "--out", str(out)]) == 2
-    assert "issue 16" in capsys.readouterr().err and not out.exists()
-
-
 def test_run_folder_of_someone_else_is_refused(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()

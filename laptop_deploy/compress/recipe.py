@@ -159,25 +159,6 @@ def build_recipe(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Re
 # ----------------------------------------------------------------------------------- what the stages need
 
 
-def latency_support() -> str | None:
-    """None when latency budgets can run (the profiler and latency-priced pruning), else what is missing."""
-    import importlib.util
-
-    from ..prune.plan import PruneOptions
-
-    have = all(importlib.util.find_spec(f"laptop_deploy.{name}") for name in ("deploy.profile", "prune.latency_cost"))
-    priced = "latency_table" in {f.name for f in fields(PruneOptions)}
-    return None if have and priced else "the latency profiler and `prune --cost latency` (issue 15)"
-
-
-def pipeline_support() -> str | None:
-    """None when ``--pipeline`` app bundles can be built, else what is missing."""
-    import importlib.util
-
-    have = all(importlib.util.find_spec(f"laptop_deploy.deploy.{name}") for name in ("bundle", "bundle_verify"))
-    return None if have else "app bundles (`export --pipeline`, issue 16)"
-
-
 def distill_options(r: Recipe) -> Any:
     from ..distill.options import DistillOptions
 
@@ -229,18 +210,9 @@ def _check_numbers(r: Recipe) -> None:
         raise LaptopDeployError(f"--precision {r.precision}: expected fp32 or fp16")
 
 
-def _check_missing_features(r: Recipe) -> None:
-    """Latency budgets and app bundles need pieces built in other issues; refuse them by name until they exist."""
-    if r.budget_kind == "latency":
-        missing = latency_support()
-        if missing:
-            raise LaptopDeployError(f"--budget {r.budget}: latency budgets need {missing}, which this build "
-                                    f"lacks; use params=R or macs=R")
+def _check_bundle(r: Recipe) -> None:
+    """An app bundle's target and precision, checked with the bundle exporter's own rules."""
     if r.pipeline:
-        missing = pipeline_support()
-        if missing:
-            raise LaptopDeployError(f"--pipeline needs {missing}, which this build lacks; drop --pipeline to "
-                                    f"export the U-Net")
         from ..deploy.bundle import BundleOptions
 
         BundleOptions(target=r.target, precision=r.precision).check()
@@ -320,7 +292,7 @@ def validate(r: Recipe) -> Checked:
     if runtime == "torch":
         raise LaptopDeployError("--runtime torch runs no exported artifact; give the artifact's runtime (e.g. ort)")
     runner_class(runtime)
-    _check_missing_features(r)
+    _check_bundle(r)
     _check_options(r)
     source = resolve_model(r.model, materialize=False, seed=r.seed)
     config = source.unet.config

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LaptopDeployError
-from .recipe import Checked, Recipe, distill_options, latency_support, pipeline_support
+from .recipe import Checked, Recipe, distill_options
 from .stages import Stage, StageContext, maybe_kill
 
 Bar = Callable[[str, int], Callable[[int], None] | None]  # (description, total) -> update(n) or None
@@ -285,10 +285,6 @@ def run_report(ctx: StageContext, r: Recipe, checked: Checked, *, folders: dict[
 
 def plan_stages(r: Recipe, checked: Checked, hooks: Hooks, run_dir: Path) -> list[Stage]:
     """The stages of ``r`` in order, each with the settings that decide its output (its fingerprint)."""
-    if r.budget_kind == "latency" and latency_support():
-        raise LaptopDeployError(f"latency budgets need {latency_support()}")
-    if r.pipeline and pipeline_support():
-        raise LaptopDeployError(f"--pipeline needs {pipeline_support()}")
     teacher = {"model": r.model, "seed": r.seed, "model_id": _model_identity(r.model)}
     latent = r.latent_size
     prune = {**teacher, "budget": r.budget, "criterion": r.criterion, "granularity": r.granularity,
