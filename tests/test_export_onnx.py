@@ -61,7 +61,9 @@ def sdxl_student(tmp_path_factory):
     return _artifact(tmp_path_factory, "random:tiny-sdxl", student=True)
 
 
-ARTIFACTS = ["sd15", "sd15_student_dynamic", "sdxl", "sdxl_student"]
+# The SDXL teacher's topology is the SDXL student's plus units: the student covers it by default, the teacher with
+# -m slow (its export and verify cost ~1 min of the suite's ~10 on two cores).
+ARTIFACTS = ["sd15", "sd15_student_dynamic", pytest.param("sdxl", marks=pytest.mark.slow), "sdxl_student"]
 
 
 @pytest.mark.parametrize("name", ARTIFACTS)
@@ -277,21 +279,26 @@ def test_ort_mobile_fp16_student_via_cli(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_size_sd15_export_external_data_rss_and_parity(tmp_path):
-    """random:sd15 (3.44 GB of fp32 weights): external data, export peak RSS ≤ 1.5x the weights, verify passes.
-    Runs the CLI in fresh processes so the peak RSS is the export's own. ~5 minutes on two cores."""
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_full_size_sd15_export_external_data_rss_and_parity(tmp_path, precision):
+    """random:sd15 (3.44 GB of fp32 weights): external data (fp32), export peak RSS ≤ 1.5x the fp32 weights, and
+    the calibrated gate passes it (fp16: against PyTorch's own fp16). Runs the CLI in fresh processes so the peak
+    RSS is the export's own. fp32 ~5 minutes on two cores, fp16 longer (PyTorch fp16 on CPU sets its floor)."""
     out = tmp_path / "sd15"
     cli = [sys.executable, "-m", "laptop_deploy"]
-    done = subprocess.run([*cli, "export", "--model", "random:sd15", "--target", "onnx", "--out", str(out),
-                           "--json"], capture_output=True, text=True, check=False)
+    done = subprocess.run([*cli, "export", "--model", "random:sd15", "--target", "onnx", "--precision", precision,
+                           "--out", str(out), "--json"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     weight_bytes = result["export"]["weight_bytes"]
     assert weight_bytes == 859_520_964 * 4
-    assert set(result["files"]) == {"model.onnx", "model.onnx.data"} and result["files"]["model.onnx.data"] > 2**31
+    if precision == "fp32":
+        assert set(result["files"]) == {"model.onnx", "model.onnx.data"}
+        assert result["files"]["model.onnx.data"] > 2**31
     assert result["export"]["peak_rss_mb"] * 2**20 <= 1.5 * weight_bytes
-    done = subprocess.run([*cli, "verify", str(out), "--model", "random:sd15", "--json"], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run([*cli, "verify", str(out), "--model", "random:sd15", "--steps", "4", "--json"],
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr
     verdict = json.loads(done.stdout)
-    assert verdict["passed"] and verdict["rel_l2"] <= 1e-4 and verdict["e2e_psnr_db"] >= 60
+    assert verdict["passed"] and verdict["gate"]["enforced"] and verdict["gate"]["passed"]
+    assert verdict["gate"]["factor_rel_l2"] <= verdict["gate"]["rel_l2_factor"]
