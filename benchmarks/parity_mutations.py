@@ -5,12 +5,20 @@ For each model (tiny-sd15, tiny-sdxl, toy, and a student of each) and precision,
 (TorchScript exporter; fp16 by the exporter's own converter on that graph), then every mutation of
 :mod:`laptop_deploy.deploy.mutants` is applied to it and each artifact verified through :func:`verify_artifact`
 (ONNX Runtime, and the same graphs converted to ORT Mobile's format); Core ML is checked as it can be on Linux, by
-its exporter's traced-module check on mutated U-Nets. The table counts a mutation *caught* when the gate fails it
+its exporter's traced-module check on mutated U-Nets. ExecuTorch (fp32 only) mutates the PyTorch U-Net
+(:func:`~laptop_deploy.deploy.mutants.mutate_module`), exports each mutant to a ``.pte`` with the library's exporter
+(its manifest naming the unmutated model, as a buggy exporter would) and verifies it against the unmutated source;
+it needs the ``[executorch]`` extra. ``bundle`` (teachers only) exports an app bundle (``export --pipeline``) and
+runs ``verify BUNDLE``'s per-part check (:func:`~laptop_deploy.deploy.bundle_verify.verify_parts`) with each ONNX
+mutation applied to its ``unet/model.onnx``; its correct-export factor is the worst over every part (text
+encoder, U-Net, VAE decoder and encoder). The table counts a mutation *caught* when the gate fails it
 and a correct export *falsely failed* when the gate fails it; the "old" columns judge the same runs by the fixed
 thresholds verify used before (fp32: rel L2 ≤ 1e-4 and PSNR ≥ 60 dB; fp16: PSNR ≥ 35 dB; end to end PSNR too).
 
     .venv/bin/python benchmarks/parity_mutations.py                  # everything (~30-40 min on 2 busy cores)
     .venv/bin/python benchmarks/parity_mutations.py --models random:tiny-sd15 --targets onnx --out /tmp/x
+    python benchmarks/parity_mutations.py --models random:tiny-sd15 toy --precisions fp32 --targets executorch
+    .venv/bin/python benchmarks/parity_mutations.py --models random:tiny-sd15 toy --targets bundle --out /tmp/b
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # deploy_fixtures: the tests' export he
 
 MODELS = ("random:tiny-sd15", "random:tiny-sdxl", "toy", "random:tiny-sd15 student", "random:tiny-sdxl student",
           "toy student")
-TARGETS = ("onnx", "ort-mobile", "coreml-traced")
+TARGETS = ("onnx", "ort-mobile", "coreml-traced", "executorch", "bundle")
+TORCH_SIDE = ("coreml-traced", "executorch")  # targets mutated on the PyTorch U-Net, fp32 only
 FIXED = {"fp32": (1e-4, 60.0), "fp16": (None, 35.0)}  # the thresholds verify used before the calibrated gate
 
 
@@ -141,6 +150,83 @@ def coreml_row(source: Any, mutation: Any) -> dict[str, Any]:
             **{k: v for k, v in info.items() if k in ("rel_l2", "psnr_db", "error")}}
 
 
+def executorch_row(source: Any, mutation: Any, *, work: Path, steps: int) -> dict[str, Any]:
+    """ExecuTorch: the (mutated) U-Net exported to a ``.pte`` by the library's exporter, verified against the
+    unmutated source. The export's own ``.pte`` check compares with the module it was given (the mutant), so it
+    passes every mutant but a non-finite one; a refused export is recorded, then built from the exporter's own
+    steps without that check, so that ``verify`` judges it too."""
+    from laptop_deploy.deploy.manifest import Manifest, describe_files, model_hash, tool_versions, write_manifest
+    from laptop_deploy.deploy.mutants import mutate_module
+    from laptop_deploy.deploy.spec import build_spec
+    from laptop_deploy.errors import CheckFailed
+    from laptop_deploy.exporters import executorch as et
+
+    spec = build_spec(source.unet.config)
+    unet = source.unet if mutation is None else mutate_module(source.unet, mutation)
+    described = {**source.describe(), "sha256": model_hash(source.unet)}  # what a buggy exporter would record
+    out = work / "executorch"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    export_check = "passed"
+    try:
+        et.export(unet, spec, out, source=described)
+    except CheckFailed as exc:
+        export_check = f"refused: {str(exc)[:160]}"
+        et.write_program(et.lower(et.export_program(unet, spec, et.ExecuTorchOptions())), out / et.PTE_FILE)
+        write_manifest(out, Manifest(target="executorch", precision="fp32", model_file=et.PTE_FILE, spec=spec,
+                                     source=described, files=describe_files(out), tools=tool_versions(),
+                                     export={}))
+    return {**verify_row(out, source, steps=steps, precision="fp32"), "export_check": export_check}
+
+
+def bundle_row(model: str, precision: str, mutation: Any, *, work: Path, cache: dict[str, Any]) -> dict[str, Any]:
+    """An app bundle of ``model`` at ``precision`` (exported once, TorchScript exporter as the bundle tests use),
+    its U-Net part mutated in place, judged by ``verify BUNDLE``'s per-part check; the file is restored after."""
+    import onnx
+
+    from laptop_deploy.deploy.bundle import BundleOptions, export_bundle, resolve_sources
+    from laptop_deploy.deploy.bundle_format import check_bundle
+    from laptop_deploy.deploy.bundle_verify import verify_parts
+    from laptop_deploy.deploy.mutants import mutate_onnx
+
+    if " " in model:
+        raise MutationNotApplicableHere("bundles are measured on teachers (a student's bundle takes the same parts)")
+    if precision not in cache:
+        folder = work / f"bundle-{precision}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        sources = resolve_sources(model)
+        export_bundle(sources, folder, BundleOptions(exporter="torchscript", precision=precision))
+        cache[precision] = (folder, check_bundle(folder), sources)
+    folder, manifest, sources = cache[precision]
+    part_file = folder / manifest.parts["unet"]["model_file"]
+    original = part_file.read_bytes()
+    try:
+        if mutation is not None:
+            onnx.save_model(mutate_onnx(onnx.load(str(part_file)), sources.unet.unet, mutation), str(part_file))
+        parts = verify_parts(folder, manifest, sources)
+    finally:
+        part_file.write_bytes(original)
+    unet = parts["unet"]
+    max_rel, min_psnr = FIXED.get(precision, FIXED["fp32"])  # the fixed thresholds parts were judged by before
+    old = not (unet["nan_count"] or unet["inf_count"]) and unet["psnr_db"] is not None and \
+        unet["psnr_db"] >= min_psnr and (max_rel is None or (unet["rel_l2"] is not None and unet["rel_l2"] <= max_rel))
+    factors = {name: (part["gate"] or {}).get("factor_rel_l2") for name, part in parts.items()}
+    judged = parts if mutation is None else {"unet": unet}  # a correct bundle: every part; a mutant: its U-Net
+    worst = max(judged, key=lambda name: -1.0 if factors[name] is None else factors[name])
+    gate = judged[worst]["gate"] or {}
+    return {"gate_passed": all(part["passed"] for part in judged.values()), "old_passed": old,
+            "factor_rel_l2": None if factors[worst] is None else factors[worst],
+            "factor_max_abs": gate.get("max_factor_max_abs"), "floor_rel_l2": gate.get("floor_rel_l2"),
+            "artifact_rel_l2": gate.get("artifact_rel_l2"), "rel_l2_vs_fp32": unet["rel_l2"],
+            "psnr_db": unet["psnr_db"], "worst_part": worst, "part_factors": factors,
+            "failures": [f for part in judged.values() for f in part["failures"]][:4]}
+
+
+class MutationNotApplicableHere(ValueError):
+    """This target does not take this model (recorded as n/a, like a mutation without a place)."""
+
+
 def _old_traced(traced: Any, unet: Any, spec: Any) -> bool:
     """The traced check as it was: fp32 fixed tolerances against eager fp32 on the same seeded inputs."""
     from laptop_deploy.deploy.spec import torch_inputs
@@ -166,27 +252,34 @@ def run_model(model: str, *, precisions: list[str], targets: list[str], steps: i
 
     source = load(model)
     rows: list[dict[str, Any]] = []
+    bundles: dict[str, Any] = {}  # precision -> (folder, manifest, sources) of the bundle target
     for precision in precisions:
         mutations = [None, *mutation_set(source.unet, precision)]
-        if kinds:  # a partial rerun: only these mutation kinds ("correct" for the correct export)
-            mutations = [m for m in mutations if (m.kind if m else "correct") in kinds]
-        onnx_targets = [t for t in targets if t != "coreml-traced"]
+        if kinds:  # a partial rerun: only these mutation kinds ("correct" for the correct export) or names
+            mutations = [m for m in mutations if (m.kind if m else "correct") in kinds
+                         or (m is not None and any(m.name.startswith(k) for k in kinds))]
+        onnx_targets = [t for t in targets if t not in (*TORCH_SIDE, "bundle")]
         base = build(source, precision, work) if onnx_targets else None
         proto = onnx.load(str(base / "model.onnx")) if base else None
         for mutation in mutations:
             name = "correct export" if mutation is None else mutation.name
             for target in targets:
-                if target == "coreml-traced" and precision != "fp32":
-                    continue  # Core ML converts to fp16 itself; on Linux only the fp32 trace can be checked
+                if target in TORCH_SIDE and precision != "fp32":
+                    continue  # Core ML converts to fp16 itself (on Linux only the fp32 trace can be checked);
+                    # ExecuTorch is fp32 only
                 start = time.perf_counter()
                 try:
                     if target == "coreml-traced":
                         row = coreml_row(source, mutation)
+                    elif target == "executorch":
+                        row = executorch_row(source, mutation, work=work, steps=steps)
+                    elif target == "bundle":
+                        row = bundle_row(model, precision, mutation, work=work, cache=bundles)
                     else:
                         mutated = proto if mutation is None else mutate_onnx(proto, source.unet, mutation)
                         folder = variant(base, work / "variant", model_proto=mutated, target=target)
                         row = verify_row(folder, source, steps=steps, precision=precision)
-                except MutationNotApplicable as exc:
+                except (MutationNotApplicable, MutationNotApplicableHere) as exc:
                     row = {"not_applicable": str(exc)}
                 row = {"model": model, "precision": precision, "target": target, "mutation": name,
                        "kind": "correct" if mutation is None else mutation.kind, **row}
@@ -237,8 +330,9 @@ def tables(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | {r['precision']} | {r['target']} | {r['mutation']} | n/a | n/a | "
                          f"{r['not_applicable']} | | | | |")
             continue
+        refused = " (export refused it too)" if str(r.get("export_check", "")).startswith("refused") else ""
         lines.append(f"| {r['model']} | {r['precision']} | {r['target']} | {r['mutation']} | "
-                     f"{'pass' if r['gate_passed'] else 'FAIL'} | {'pass' if r['old_passed'] else 'FAIL'} | "
+                     f"{'pass' if r['gate_passed'] else 'FAIL'}{refused} | {'pass' if r['old_passed'] else 'FAIL'} | "
                      f"{_num(r.get('factor_rel_l2'))} | {_num(r.get('factor_max_abs'))} | "
                      f"{_num(r.get('floor_rel_l2'))} | {_num(r.get('rel_l2_vs_fp32', r.get('rel_l2')))} | "
                      f"{_num(r.get('psnr_db'))} |")
@@ -257,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of each verify (default 3)")
-    parser.add_argument("--kinds", nargs="+", help="only these mutation kinds (and 'correct'), e.g. to rerun some")
+    parser.add_argument("--kinds", nargs="+", help="only these mutation kinds ('correct': the correct export) or "
+                        "mutations whose name starts so (e.g. 'up-block conv'), to rerun some or split a slow run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "parity_mutations")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="only write the table from earlier runs' JSON files (runs split across processes)")

@@ -224,3 +224,35 @@ def test_cli_export_verify_bench(tmp_path_factory, model, student, dynamic):
     assert code == 0 and bench["iterations"] == 2 and len(bench["runners"]) == 2
     manifest = read_manifest(out)
     assert manifest.results["parity"]["passed"] and "latency" in manifest.results
+
+
+@pytest.mark.slow
+def test_verify_fails_a_pte_with_one_weight_off_by_one_percent(tmp_path_factory):
+    """Issue 20 on the ExecuTorch target: the toy teacher exported to a ``.pte`` through the CLI passes ``verify``;
+    the same U-Net with one attention projection weight ×1.01, exported by the library's exporter under the
+    unmutated model's name and hash (what a buggy exporter would write; its own ``.pte`` check compares with the
+    module it was given, so it passes), fails ``verify`` against the unmutated model: exit 1 by the calibrated
+    gate. (toy: the fastest U-Net to lower; every mutation on toy and tiny-sd15 is in parity_mutations.md.)"""
+    from laptop_deploy.deploy.manifest import model_hash
+    from laptop_deploy.deploy.mutants import Mutation, mutate_module
+    from laptop_deploy.outputs import write_atomically
+
+    model = "toy"
+    good = tmp_path_factory.mktemp("et") / "good"
+    code, exported = _cli(["export", "--model", model, "--target", "executorch", "--out", str(good)])
+    assert code == 0 and all(row["factor_rel_l2"] <= row["max_factor"] for row in exported["export"]["pte_parity"])
+    code, verified = _cli(["verify", str(good), "--model", model, "--steps", "3"])
+    assert code == 0 and verified["passed"] and verified["gate"]["enforced"], verified["failures"]
+    assert verified["gate"]["factor_rel_l2"] <= verified["gate"]["rel_l2_factor"] == 4.0
+
+    source = resolve_model(model)
+    param = next(name for name, _ in source.unet.named_parameters() if name.endswith("attn1.to_q.weight"))
+    mutant = mutate_module(source.unet, Mutation("attention projection x1.01", "scale", param, 1.01))
+    described = {**source.describe(), "sha256": model_hash(source.unet)}
+    bad = tmp_path_factory.mktemp("et") / "bad"
+    with torch_threads(1):
+        write_atomically(bad, lambda tmp: et.export(mutant, build_spec(source.unet.config), tmp, source=described))
+    code, verified = _cli(["verify", str(bad), "--model", model, "--steps", "3"])
+    assert code == 1 and not verified["passed"]
+    assert verified["gate"]["factor_rel_l2"] > 10 * verified["gate"]["rel_l2_factor"], verified["gate"]
+    assert any("x the torch fp32 floor" in failure for failure in verified["failures"])
