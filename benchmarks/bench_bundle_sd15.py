@@ -4,7 +4,7 @@
     flock /tmp/ld-heavy.lock .venv/bin/python benchmarks/bench_bundle_sd15.py [--work /tmp/sd15_bundle_work]
 
 Writes ``benchmarks/results/bench_bundle_sd15.json``. The export's peak RSS is the ``Maximum resident set size`` of
-``/usr/bin/time -v``; generate's comes from its own ``--json`` (``ru_maxrss`` of its process). Modes run
+``/usr/bin/time -v``; generate's comes from its own ``--json`` (VmHWM of its process). Memory in MiB (2**20 bytes). Modes run
 sequential, loaded, sequential (2 denoising steps, 512x512, guidance 7.5); the load average is recorded.
 """
 
@@ -29,7 +29,7 @@ def export(work: Path) -> dict:
                           "onnx", "--out", str(bundle), "--force", "--json"], capture_output=True, text=True,
                          check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
-    return {"result": json.loads(run.stdout), "peak_rss_mb_time_v": round(peak_kib * 1024 / 1e6, 1)}
+    return {"result": json.loads(run.stdout), "peak_rss_mb_time_v": round(peak_kib / 1024, 1)}
 
 
 def generate(bundle: Path, work: Path, sequential: bool) -> dict:
@@ -42,11 +42,11 @@ def summarize(exported: dict, runs: list[dict]) -> dict:
     parts = exported["result"]["parts"]
     largest = max(p["weight_bytes"] for p in parts.values())
     rows = [{"sequential": r["sequential"], "peak_rss_mb": r["peak_rss_mb"], "rss_mb": r["rss_mb"],
-             "latency_ms": r["latency_ms"], "peak_over_largest_part": round(r["peak_rss_mb"] * 1e6 / largest, 3)}
+             "latency_ms": r["latency_ms"], "peak_over_largest_part": round(r["peak_rss_mb"] * 2**20 / largest, 3)}
             for r in runs]
     return {"largest_part": max(parts, key=lambda n: parts[n]["weight_bytes"]),
-            "largest_part_weight_mb": round(largest / 1e6, 1),
-            "bundle_mb": round(exported["result"]["bytes"] / 1e6, 1),
+            "largest_part_weight_mb": round(largest / 2**20, 1),
+            "bundle_mb": round(exported["result"]["bytes"] / 2**20, 1),
             "export_seconds": exported["result"]["export"]["seconds"],
             "export_peak_rss_mb": exported["peak_rss_mb_time_v"], "generate": rows}
 

@@ -253,10 +253,10 @@ def _markdown(data: dict) -> str:
               f"Load average before / after: {data['load_average']['before']} / {data['load_average']['after']}.",
               ""]
     if data["reused"]["teacher_artifact"]:
-        lines += [f"The teacher's export and profile were made by an earlier run of this script (same model, seed "
-                  f"and settings; its export seconds come from the artifact's manifest, the profile from "
-                  f"`{data['reused']['table']}`), which was stopped after scoring to fit the time left; this run "
-                  f"reused both.", ""]
+        table = data["reused"]["table"]
+        lines += [f"The teacher's export was made by an earlier run of this script (same model, seed and settings; "
+                  f"its export seconds come from the artifact's manifest) and reused here; "
+                  + (f"so was its profile (`{table}`)." if table else "the profile was taken in this run."), ""]
     lines += ["| variant | params × | MACs × | predicted latency × | measured latency × (min–max) | error |",
               "|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
