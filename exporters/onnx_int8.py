@@ -28,7 +28,6 @@ fails).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import time
@@ -134,19 +133,15 @@ def preprocess(fp32: Path, out: Path) -> Path:
 
 
 def _preprocess_external(fp32: Path, out: Path) -> Path:
-    """ONNX shape inference on the graph alone, the weights file linked (or copied) unchanged; no ORT optimisation.
+    """ONNX shape inference on the graph alone, the weights file copied unchanged; no ORT optimisation.
 
     ``quant_pre_process`` holds the whole model several times at once (``onnx.load``, an ORT session writing the
     optimised model, shape inference on it): on SD-1.5 (3.4 GB of weights) that reached 22 GB and was OOM-killed
     beside the PyTorch U-Net. Here the weights are never read: ``infer_shapes_path`` works on the graph file, whose
     initializers point at ``model.onnx.data`` by name. The basic optimisations skipped are redone by ORT when it
     loads the quantized model (the OrtRunner enables all)."""
-    data = out.with_name(DATA_FILE)
-    data.unlink(missing_ok=True)
-    try:
-        os.link(fp32.with_name(DATA_FILE), data)  # the same bytes, no copy (the stage folder is beside the fp32)
-    except OSError:
-        shutil.copyfile(fp32.with_name(DATA_FILE), data)
+    # a copy, not a hard link: onnx refuses external data with several links ("potential hardlink attack")
+    shutil.copyfile(fp32.with_name(DATA_FILE), out.with_name(DATA_FILE))
     onnx.shape_inference.infer_shapes_path(str(fp32), str(out))
     model = onnx.load(str(out), load_external_data=False)
     name_nodes(model.graph)
