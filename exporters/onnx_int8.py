@@ -27,6 +27,7 @@ fails).
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import sys
@@ -97,6 +98,8 @@ def quantize_onnx(fp32: Path, unet: nn.Module, spec: ExportSpec, stage: Path, *,
                    steps=options.calib_steps, held_out=options.held_out)
     _say(f"int8: captured {len(data.calibration)} calibration and {len(data.held_out)} held-out inputs "
          f"({data.seconds:.1f} s)")
+    del unet  # a caller that handed over its last reference frees the PyTorch weights before ORT loads the graph
+    gc.collect()
     info: dict[str, Any] = {"int8_calibration": {
         **{k: v for k, v in asdict(options).items() if k != "given"}, "calibration_inputs": len(data.calibration),
         "held_out_inputs": len(data.held_out), "held_out_prompts": data.held_out_prompts,
