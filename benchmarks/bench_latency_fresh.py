@@ -25,22 +25,18 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# one variant, one process: the same measurement bench_latency.py makes in-process (measure_interleaved), alone
 CHILD = """
-import json, statistics, sys, time
+import json, sys
 from laptop_deploy.deploy.manifest import read_manifest
+from laptop_deploy.deploy.profile import measure_interleaved
 from laptop_deploy.runtimes.ort import OrtRunner
 folder, warmup, calls, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 manifest = read_manifest(folder)
-feeds = manifest.spec.example_feeds(seed=0)
-with OrtRunner(f"{folder}/{manifest.model_file}", spec=manifest.spec, intra_op_threads=threads) as runner:
-    for _ in range(warmup):
-        runner.infer(feeds)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        runner.infer(feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-print(json.dumps({"median_ms": statistics.median(times), "times_ms": times}))
+make = lambda: OrtRunner(f"{folder}/{manifest.model_file}", spec=manifest.spec, intra_op_threads=threads)
+timed = measure_interleaved({"variant": make}, manifest.spec.example_feeds(seed=0), repeats=1, calls=calls,
+                            warmup=warmup)["variant"]
+print(json.dumps({"median_ms": timed["median_ms"]}))
 """
 
 

@@ -57,7 +57,7 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     shape = "dynamic batch/height/width" if spec.dynamic else f"batch {spec.batch}, latent {spec.height}x{spec.width}"
     text = (f"exported {args.model} to {args.out / manifest.model_file} ({manifest.target}, {manifest.precision}, "
             f"{shape}): {len(manifest.files)} files, {size / 1e6:,.1f} MB, {manifest.export['seconds']:.1f} s, "
-            f"peak RSS {manifest.export['peak_rss_mb']:,.0f} MB")
+            f"peak RSS {manifest.export['peak_rss_mb']:,.0f} MiB")
     text += "".join(f"\n{line}" for line in manifest.export.get("notes", []))  # e.g. trt --dry-run's commands
     return result, text
 

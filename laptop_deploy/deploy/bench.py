@@ -152,7 +152,7 @@ def format_table(results: list[BenchResult], *, baseline: str | None = None,
     """Fixed-width table: one row per runner, ratios against the baseline, achieved GFLOP/s when MACs given."""
     rel = ratios(results, baseline=baseline)
     head = f"{'runner':<28} {'p50 ms':>10} {'p90 ms':>10} {'p99 ms':>10} {'mean ms':>10} {'load s':>8} " \
-           f"{'peak RSS MB':>12} {'x base':>7}"
+           f"{'peak RSS MiB':>12} {'x base':>7}"
     lines = [head + ("  GFLOP/s" if macs else ""), "-" * (len(head) + (9 if macs else 0))]
     for r in results:
         row = f"{r.name:<28} {r.p50_ms:>10.2f} {r.p90_ms:>10.2f} {r.p99_ms:>10.2f} {r.mean_ms:>10.2f} " \
