@@ -207,12 +207,12 @@ def prepare_output_file(out: str | os.PathLike[str], *, force: bool = False, fla
     a folder or a link, an existing file only with ``force``, and a parent that can be written (probed; created
     by :func:`replace_file`). Returns it as a Path. Creates nothing."""
     out = as_path(out, what=flag)
-    if suffix and out.suffix.lower() != suffix:
-        raise OutputError(f"{flag} {out}: write a {suffix} file")
     if out.is_symlink():
         raise OutputError(f"{flag} {out} is a symbolic link; give the real file path")
     if out.is_dir():
         raise OutputError(f"{flag} {out} is a folder; give a file path")
+    if suffix and out.suffix.lower() != suffix:
+        raise OutputError(f"{flag} {out}: write a {suffix} file")
     if out.exists() and not force:
         raise OutputError(f"{flag} {out} exists; pass --force to replace it")
     _probe_writable(out, flag)
