@@ -79,7 +79,8 @@ def sdxl_fp32(tmp_path_factory):
                    compute_units="CPU_AND_NE", deployment_target="macOS14")
 
 
-ARTIFACTS = ["sd15", "sd15_student_6bit", "sdxl_student", "sdxl_fp32"]
+# 6-bit palettization of the student: -m slow (the suite's slowest conversion, ~70 s on two cores)
+ARTIFACTS = ["sd15", pytest.param("sd15_student_6bit", marks=pytest.mark.slow), "sdxl_student", "sdxl_fp32"]
 
 
 @pytest.mark.parametrize("name", ARTIFACTS)
@@ -121,6 +122,7 @@ def test_fp16_weights_take_two_bytes_per_parameter(request, name):
     assert 2 * params <= weight_bytes <= 2 * params * 1.01  # + 64-byte alignment per tensor
 
 
+@pytest.mark.slow
 def test_palettized_6bit_is_at_least_2_4x_smaller_than_fp16(sd15_student_6bit):
     source, folder = sd15_student_6bit
     fp16_bytes = 2 * sum(p.numel() for p in source.unet.parameters())  # see the test above
