@@ -178,6 +178,7 @@ def write_atomically(out: str | os.PathLike[str], write: Callable[[Path], Any], 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the artifact private to its writer
         write(tmp)
         write_marker(tmp, kind=kind, entries=entries)
         if out.is_dir():
@@ -228,9 +229,17 @@ def replace_file(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> 
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as a plain open() would not have made it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no getter before Python 3.13's os API)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
