@@ -2,8 +2,8 @@
 
 speed   ``random:sd15`` and a 50% student of it at a 64×64 latent: the fp32 graph is exported once, quantized by
         :func:`laptop_deploy.exporters.onnx_int8.quantize_onnx` (what ``export --precision int8`` runs), then both
-        are timed through the OrtRunner interleaved (fp32, int8, fp32, int8, ...; ``--repeats`` rounds after one
-        warm-up call each); median and min-max, the load average before and after, the kept-float MAC share, the
+        are timed through the OrtRunner interleaved (fp32, int8, fp32, int8, ...; ``--repeats`` rounds, each
+        measurement in a fresh process: one warm-up and one timed call); median and min-max, the load average before and after, the kept-float MAC share, the
         held-out PSNR and the kernels ORT ran. Run under ``flock /tmp/ld-heavy.lock`` (3.4 GB models).
 quality the toy teacher and its 50% student (``laptop-deploy prune --model toy --ratio 0.5``), PyTorch fp32 vs the
         gated int8 ONNX (dynamic batch, through a diffusers pipeline): judge alignment on the held-out prompts,
@@ -68,28 +68,16 @@ def export_pair(spec_str: str, work: Path, *, dynamic: bool, int8: Any, latent: 
             "export_s": round(export_s, 1), "int8_s": round(time.perf_counter() - started - export_s, 1)}
 
 
-def timed_interleaved(paths: dict[str, Path], spec: Any, *, repeats: int, threads: int | None) -> dict[str, Any]:
-    """Open every model once, then time them in rounds (A B A B ...); ms per call."""
-    from laptop_deploy.runtimes.ort import OrtRunner
+def timed_fresh(pair: dict[str, Any], *, repeats: int, threads: int | None) -> dict[str, Any]:
+    """fp32 and int8 ONNX timed interleaved (fp32 int8 fp32 int8 ...), each measurement in a fresh process (one
+    warm-up and one timed call): this process held the PyTorch U-Net and the quantizer's copies, and a long-lived
+    process timed SD-1.5 variants up to 1.6× slow here (``laptop_deploy/deploy/fresh_timing.py``)."""
+    from laptop_deploy.deploy.fresh_timing import measure_fresh
 
-    feeds = spec.with_precision("fp32").example_feeds(seed=0)
-    runners = {k: OrtRunner(p, spec=spec.with_precision("fp32"), intra_op_threads=threads) for k, p in paths.items()}
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    print(f"timing {', '.join(paths)} interleaved, {repeats} rounds", file=sys.stderr, flush=True)
-    for runner in runners.values():
-        runner.__enter__()
-        runner.infer(feeds)  # warm-up
-    try:
-        for _ in range(repeats):
-            for name, runner in runners.items():
-                start = time.perf_counter()
-                runner.infer(feeds)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    finally:
-        for runner in runners.values():
-            runner.__exit__(None, None, None)
-    return {k: {"median_ms": round(float(np.median(v)), 1), "min_ms": round(min(v), 1),
-                "max_ms": round(max(v), 1), "times_ms": [round(t, 1) for t in v]} for k, v in times.items()}
+    spec = pair["spec"].with_precision("fp32")  # the int8 graph takes and returns float32 as well
+    print(f"timing fp32 and int8 interleaved, {repeats} rounds, fresh processes", file=sys.stderr, flush=True)
+    return measure_fresh({"fp32": (pair["fp32"], spec), "int8": (pair["int8"], spec)}, repeats=repeats,
+                         threads=threads, progress=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 STUDENT_ARGS = ("--ratio", "0.5", "--criterion", "magnitude", "--additivity-sets", "0", "--calib", "1",
@@ -120,8 +108,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
                                int8=Int8Options(calib_prompts=str(args.calib_prompts), calib_steps=args.calib_steps,
                                                 min_psnr=args.min_psnr, max_float_share=args.max_float_share))
             load_mid = os.getloadavg()
-            timing = timed_interleaved({"fp32": pair["fp32"], "int8": pair["int8"]}, pair["spec"],
-                                       repeats=args.repeats, threads=args.threads)
+            timing = timed_fresh(pair, repeats=args.repeats, threads=args.threads)
             info = pair["info"]
             label = "student" if Path(model).is_dir() else label  # --teacher may name a student folder too
             rows.append({"model": label, "spec": model, "params": pair["params"],

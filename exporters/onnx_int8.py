@@ -7,7 +7,9 @@ tools (``onnxruntime.quantization``) behind a quality gate.
 2. ``quant_pre_process`` (ONNX shape inference + ORT's basic graph optimisations, what ORT asks for before
    quantizing); symbolic shape inference is skipped (the U-Net's shapes are static per export or named axes); a
    graph with external weights gets ONNX shape inference alone, so the weights are never loaded here;
-3. calibrate once (``calibrate_method``: MinMax, Entropy or Percentile) into a calibration cache, then
+3. calibrate once into a calibration cache — MinMax by :func:`.int8_minmax.calibrate_minmax` (one ORT session,
+   weights loaded once: ``quantize_static``'s own calibrator held the SD-1.5 model several times and was
+   OOM-killed), Entropy or Percentile by ``quantize_static``'s histogram calibrators — then
    ``quantize_static`` in QDQ format: per-channel symmetric int8 weights, asymmetric uint8 activations (what ORT
    recommends on x86 with VNNI: ``reduce_range`` off), Conv / MatMul / Gemm only — their QDQ groups are the
    patterns ORT's CPU EP fuses into ``QLinearConv`` / ``QLinearMatMul`` / ``MatMulIntegerToFloat``;
@@ -44,6 +46,7 @@ from ..deploy.spec import ExportSpec
 from ..errors import CheckFailed, LaptopDeployError
 from .int8_calib import Captured, capture, read_prompts
 from .int8_graph import QUANT_OPS, executed_ops, node_groups, node_macs, weights_only
+from .int8_minmax import calibrate_minmax
 from .onnx_files import DATA_FILE, name_nodes, save_onnx
 
 INT8_PRECISIONS = ("int8", "int8-weights")
@@ -215,8 +218,11 @@ def quantize_gated(fp32: Path, stage: Path, data: Captured, options: Int8Options
     macs = node_macs(pre, data.held_out[0][0])
     total = sum(macs.values()) or 1
     shares = {g: sum(macs.get(n, 0) for n in nodes) / total for g, nodes in groups.items()}
-    current = {"path": quantize(pre, stage / "q0" / "model.onnx", cache=cache, options=options,
-                                feeds=data.calibration)}
+    feeds: list[dict[str, np.ndarray]] | None = data.calibration
+    if options.calib_method == "minmax":  # one session, weights mapped once (quantize_static's copies OOM on SD-1.5)
+        calibrate_minmax(pre, data.calibration, cache)
+        feeds = None
+    current = {"path": quantize(pre, stage / "q0" / "model.onnx", cache=cache, options=options, feeds=feeds)}
     psnr = held_out_psnr(current["path"], data)
     _say(f"int8: all {sum(map(len, groups.values()))} Conv/MatMul/Gemm nodes quantized: held-out PSNR {psnr:.2f} dB "
          f"(gate {options.min_psnr:g} dB)")

@@ -203,3 +203,34 @@ def test_preprocess_of_an_external_weights_graph_keeps_the_weights_file_and_the_
     feeds = read_manifest(folder).spec.example_feeds(seed=3)
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (src, out))
     np.testing.assert_array_equal(a, b)
+
+
+def test_own_minmax_calibration_writes_the_cache_ort_would(tiny_onnx_fp32, tmp_path):
+    """calibrate_minmax (one session, weights never copied; what SD-1.5 needs on 24 GB) must produce the ranges
+    ORT's own MinMax calibrator produces on the same (external-weights) graph: the same tensors, the same min/max."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data
+
+    from laptop_deploy.exporters.int8_graph import QUANT_OPS
+    from laptop_deploy.exporters.int8_minmax import calibrate_minmax
+    from laptop_deploy.exporters.onnx_files import DATA_FILE, MODEL_FILE
+    from laptop_deploy.exporters.onnx_int8 import _Reader, preprocess
+
+    _, folder = tiny_onnx_fp32
+    spec = read_manifest(folder).spec
+    feeds = [spec.example_feeds(seed=s) for s in (1, 2)]
+    src = tmp_path / "ext" / MODEL_FILE
+    src.parent.mkdir()
+    onnx.save_model(onnx.load(str(folder / MODEL_FILE)), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
+    external = preprocess(src, tmp_path / "ext-pre" / MODEL_FILE)
+    count = calibrate_minmax(external, feeds, tmp_path / "ours.json")
+    ours = load_tensors_data(tmp_path / "ours.json")
+    calibrator = create_calibrator(external, list(QUANT_OPS), augmented_model_path=str(tmp_path / "aug.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+    calibrator.collect_data(_Reader(feeds))
+    theirs = calibrator.compute_data()
+    assert sorted(ours.keys()) == sorted(theirs.keys()) and count == len(list(theirs.keys())) > 50
+    for name in theirs.keys():
+        np.testing.assert_allclose(ours[name].range_value, theirs[name].range_value, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    assert sorted(p.name for p in external.parent.iterdir()) == [MODEL_FILE, DATA_FILE], "augmented graph removed"
