@@ -41,3 +41,39 @@ def peak_rss_mb() -> float:
     """This process's own peak resident memory so far (MiB)."""
     kib = _status_kib("VmHWM")
     return kib / 1024 if kib is not None else _ru_maxrss_mib()
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's high-water mark (VmHWM) back to its resident memory now, so the next
+    :func:`peak_rss_mb` is the peak since this call. Linux only (writing ``5`` to ``/proc/self/clear_refs``);
+    False where that is unavailable. The mark is process-wide and the old value cannot come back: callers that
+    reset it keep the maximum themselves (:class:`PhasePeaks`)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+class PhasePeaks:
+    """Peak resident memory (MiB) of consecutive phases of one process: ``mark(name)`` closes a phase and starts the
+    next. ``phases`` stays empty where the mark cannot be reset (then each phase's peak would be the process's);
+    :meth:`peak` is the process's peak over all phases either way."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.overall = peak_rss_mb()
+        self.enabled = enabled and reset_peak_rss()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        peak = peak_rss_mb()
+        self.overall = max(self.overall, peak)
+        if self.enabled:
+            self.phases[name] = round(peak, 1)
+            reset_peak_rss()
+
+    def peak(self) -> float:
+        return max(self.overall, peak_rss_mb())

@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 from deploy_fixtures import torch_threads  # noqa: E402
 
 from laptop_deploy.cli.main import main  # noqa: E402
+from laptop_deploy.deploy.attention_slice import AttentionSlice, plan_chunks  # noqa: E402
 from laptop_deploy.deploy.bundle import BundleOptions, export_bundle, resolve_sources  # noqa: E402
 from laptop_deploy.deploy.bundle_format import check_bundle  # noqa: E402
 from laptop_deploy.deploy.integrity import file_entry  # noqa: E402
@@ -146,6 +147,9 @@ def test_generate_cli_imports_no_torch(toy_bundle, tmp_path):
     data = json.loads(run.stdout)
     assert data["calls"]["unet"] == 4 and data["calls"]["text_encoder"] == 2
     assert data["peak_rss_mb"] > 0 and data["latency_ms"]["unet"] > 0
+    phases = data["peak_rss_mb_phases"]  # VmHWM reset between phases (Linux): each its own peak
+    assert list(phases) == ["loaded", "text_encoder", "unet", "vae_decoder"]
+    assert data["peak_rss_mb"] >= max(phases.values()) and phases["unet"] >= data["rss_mb"]["unet"] - 1
     from PIL import Image
 
     assert Image.open(out).size == (32, 32)
@@ -235,6 +239,65 @@ def test_sd15_bundle_matches_pytorch_with_each_scheduler(tmp_path):
             result = verify_bundle(bundle, prompts=("a photo of a cat",), steps=4, guidance=7.5, scheduler=name)
             assert result.passed, (name, result.failures)
             assert result.cases[0]["psnr_db"] >= 40.0
+
+
+# -- attention over query chunks ----------------------------------------------------------------------------------
+
+def test_attention_slice_plan_keeps_each_score_tensor_within_the_budget():
+    counts = {"sd15 64x64": (8, 4096, 4096), "sd15 32x32": (8, 1024, 1024), "vae mid": (1, 4096, 4096),
+              "sdxl 64x64": (10, 4096, 4096)}  # (heads, query tokens, key tokens)
+    assert plan_chunks(AttentionSlice.parse("auto"), counts) == {"sd15 64x64": 8, "sd15 32x32": 1, "vae mid": 1,
+                                                                   "sdxl 64x64": 10}  # 512 MiB / 64 MiB, ...
+    assert plan_chunks(AttentionSlice.parse("3"), counts) == dict.fromkeys(counts, 3)
+    assert AttentionSlice.parse("off") == AttentionSlice.parse(None) == AttentionSlice.parse("1") == AttentionSlice()
+    assert not AttentionSlice().enabled and AttentionSlice.parse("auto").label == "auto"
+
+
+@pytest.fixture(scope="module")
+def sliced_sd15_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "sliced"
+    with torch_threads(1):
+        assert main(["export", "--pipeline", "--model", "random:tiny-sd15", "--target", "onnx", "--exporter",
+                     "torchscript", "--attention-slice", "4", "--out", str(out), "--json"]) == 0
+    return out
+
+
+def test_sliced_attention_bundle_draws_the_unsliced_image(sd15_bundle, sliced_sd15_bundle, capsys):
+    """--attention-slice 4: every self-attention of the U-Net (16) and VAE (2) runs as 4 query chunks (4 Softmax
+    nodes each), recorded in the manifest, and draws the unsliced bundle's image — at 48x48, not the export's
+    32x32 (the slice bounds follow the dynamic size; the bottom level's 9 tokens leave an empty fourth chunk)."""
+    import onnx
+
+    capsys.readouterr()
+    manifest, plain = check_bundle(sliced_sd15_bundle), check_bundle(sd15_bundle)
+    assert manifest.export["attention_slice"] == "4" and plain.export["attention_slice"] == "off"
+    assert manifest.parts["unet"]["attention_slice"] == {"option": "4", "sliced_modules": 16, "max_chunks": 4}
+    assert manifest.parts["vae_decoder"]["attention_slice"]["sliced_modules"] == 2
+    assert "attention_slice" not in manifest.parts["text_encoder"] and "attention_slice" not in plain.parts["unet"]
+
+    def softmaxes(bundle: Path) -> int:
+        graph = onnx.load(str(bundle / "unet" / "model.onnx"), load_external_data=False).graph
+        return sum(node.op_type == "Softmax" for node in graph.node)
+
+    assert (softmaxes(sd15_bundle), softmaxes(sliced_sd15_bundle)) == (32, 16 * 4 + 16)
+    options = GenerateOptions(prompt="a photo of a cat", steps=2, guidance=7.5, height=48, width=48,
+                              progress=False)
+    whole, sliced = generate(sd15_bundle, options).image, generate(sliced_sd15_bundle, options).image
+    assert whole.shape == sliced.shape == (48, 48, 3)
+    np.testing.assert_allclose(sliced, whole, rtol=0, atol=1e-5)
+
+
+def test_attention_slice_bad_values_exit_2(tmp_path, capsys):
+    out = tmp_path / "b"
+    base = ("export", "--pipeline", "--model", "toy", "--target", "onnx", "--out", out, "--attention-slice")
+    for value, says in (("0", "from 1 to 64"), ("65", "from 1 to 64"), ("half", "expected auto, off")):
+        code, err = _cli(capsys, *base, value)
+        assert code == 2 and says in err and err.count("\n") == 1, (value, err)
+    code, err = _cli(capsys, *base[:5], "coreml", *base[6:], "2")
+    assert code == 2 and "not --target coreml" in err
+    code, err = _cli(capsys, "export", "--model", "toy", "--target", "onnx", "--out", out, "--attention-slice", "2")
+    assert code == 2 and "use it with --pipeline" in err
+    assert not out.exists()
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ def export_pipeline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from ..outputs import prepare_output, write_atomically
 
     prepare_output(args.out, force=args.force)
+    from ..deploy.attention_slice import AttentionSlice
     from ..deploy.bundle import BundleOptions, export_bundle, resolve_sources
+
+    attention_slice = AttentionSlice.parse(getattr(args, "attention_slice", None))  # a bad value: exit 2 now
 
     # Core ML bundles default to fp16, as the single-artifact Core ML export and Apple's published models do
     precision = args.precision or ("fp16" if args.target == "coreml" else "fp32")
@@ -34,7 +37,8 @@ def export_pipeline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         coreml = get_exporter("coreml").Options.from_args(args)
     options = BundleOptions(target=args.target, precision=precision, height=args.height, width=args.width,
                             exporter=args.exporter, opset=args.opset, slim=args.slim, seed=args.seed,
-                            chunk_unet=getattr(args, "chunk_unet", False), coreml=coreml)
+                            chunk_unet=getattr(args, "chunk_unet", False), coreml=coreml,
+                            attention_slice=attention_slice)
     options.check()
     sources = resolve_sources(args.model, seed=args.seed)
     from ..deploy.spec import build_spec
@@ -71,7 +75,8 @@ def generate(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     make_scheduler(args.scheduler, manifest.scheduler)  # unknown name or config: exit 2 now
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                               guidance=args.guidance, seed=args.seed, scheduler=args.scheduler, height=args.height,
-                              width=args.width, sequential=args.sequential, threads=args.threads)
+                              width=args.width, sequential=args.sequential, threads=args.threads,
+                              phase_peaks=True)  # the verb's process: its VmHWM is ours to reset
     result = run(args.bundle, options, manifest=manifest)
     replace_file(args.out, lambda tmp: save_png(result, tmp))  # a failure leaves no half-written image
     data = {"out": str(args.out), **result.as_dict()}

@@ -19,6 +19,9 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if getattr(args, "chunk_unet", False):
         raise LaptopDeployError("--chunk-unet splits the U-Net of an app bundle: use it with --pipeline "
                                 "--target coreml")
+    if getattr(args, "attention_slice", None) is not None:
+        raise LaptopDeployError("--attention-slice slices the attention of an app bundle's parts: use it with "
+                                "--pipeline")
     from ..exporters import get_exporter
     from ..deploy.manifest import model_hash
     from ..models.sources import resolve_model

@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--chunk-unet", action="store_true",
                         help="--pipeline --target coreml: split the U-Net into UnetChunk1/UnetChunk2.mlpackage "
                              "(Apple's layout for the Neural Engine's size limit)")
+    export.add_argument("--attention-slice", metavar="auto|off|N",
+                        help="--pipeline onnx/ort-mobile: compute each self-attention of the U-Net and VAE over N "
+                             "query chunks (auto: enough that one image's scores stay <= 64 MiB at the export size), "
+                             "bounding generate's peak memory at large images (default off)")
     _tensorrt_args(export.add_argument_group("TensorRT (--target trt)"))
     _coreml_args(export.add_argument_group("Core ML (--target coreml)"))
     _executorch_args(export.add_argument_group("ExecuTorch (--target executorch)"))

@@ -25,11 +25,12 @@ from ..errors import LaptopDeployError
 from ..models.sources import ModelSource, resolve_model
 from ..models.student import read_student_meta
 from ..models.unet_io import downsample_factor
+from .attention_slice import AttentionSlice, plan_chunks, self_attentions, sliced_attention, token_counts
 from .bundle_format import MODEL_INDEX, BundleManifest, describe_tree, write_bundle_manifest
 from .bundle_parts import (FP32_PARTS, VAE_PARTS, save_tokenizer, text_encoder_spec, text_encoder_wrapper,
                            vae_example, vae_scale_factor, vae_spec)
 from .manifest import Manifest, model_hash, tool_versions, write_manifest
-from .spec import ExportSpec, build_spec
+from .spec import ExportSpec, build_spec, torch_inputs, wrap_unet
 
 BUNDLE_TARGETS = ("onnx", "ort-mobile", "coreml")
 
@@ -40,7 +41,8 @@ class BundleOptions:
     latent size (every axis is dynamic; Core ML: the one fixed size). The VAE encoder is always exported:
     diffusers' ONNX pipelines require it (img2img). Core ML (:mod:`.bundle_coreml`): ``coreml`` is the exporter's
     ``CoreMLOptions`` (compute units, deployment target, U-Net weight compression), ``chunk_unet`` splits the
-    U-Net in two packages."""
+    U-Net in two packages. ``attention_slice`` (ONNX / ORT Mobile): self-attention of the U-Net and VAE over query
+    chunks (:mod:`.attention_slice`), which bounds ``generate``'s transient memory at large images."""
 
     target: str = "onnx"
     precision: str = "fp32"
@@ -52,6 +54,7 @@ class BundleOptions:
     seed: int = 0
     chunk_unet: bool = False
     coreml: Any = None  # exporters.coreml.CoreMLOptions (typed loosely: importing it imports coremltools)
+    attention_slice: AttentionSlice = AttentionSlice()
 
     def check(self) -> None:
         if self.target not in BUNDLE_TARGETS:
@@ -61,6 +64,9 @@ class BundleOptions:
             raise LaptopDeployError(f"--chunk-unet splits the U-Net for Core ML's Neural Engine; it needs "
                                     f"--target coreml, not {self.target}")
         if self.target == "coreml":
+            if self.attention_slice.enabled:
+                raise LaptopDeployError(f"--attention-slice {self.attention_slice.label}: slices the ONNX graph "
+                                        f"of onnx and ort-mobile bundles, not --target coreml")
             if self.coreml is None:
                 raise LaptopDeployError("--target coreml bundle: Core ML options are missing")
             self.coreml.check()
@@ -159,6 +165,7 @@ def export_bundle(sources: BundleSources, out: Path, options: BundleOptions) -> 
               "force_zeros_for_empty_prompt": True if sdxl else None},
         source=described, provenance=sources.provenance, files=describe_tree(out), tools=tool_versions(),
         export={"exporter": options.exporter, "opset": options.opset, "slim": options.slim,
+                "attention_slice": options.attention_slice.label,
                 "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                 "notes": [f"{name}: {entry['note']}" for name, entry in entries.items() if "note" in entry]})
     write_bundle_manifest(out, manifest)
@@ -182,9 +189,11 @@ def _export_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, opti
     onnx_options.check()
     folder = out / name
     folder.mkdir()
+    chunks = _attention_chunks(module, spec, options.attention_slice, wrapper=wrapper, args=args)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:
-        fp32 = export_fp32(module, spec, stage, options=onnx_options, wrapper=wrapper, args=args)
+        with sliced_attention(module, chunks) as sliced:
+            fp32 = export_fp32(module, spec, stage, options=onnx_options, wrapper=wrapper, args=args)
         target_dir = stage / "finished" if options.target == "ort-mobile" else folder
         target_dir.mkdir(exist_ok=True)
         manifest = finish_artifact(fp32, module, spec, target_dir, source=source, options=onnx_options,
@@ -194,9 +203,29 @@ def _export_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, opti
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    return {"model_file": f"{name}/{manifest.model_file}", "precision": spec.precision,
-            "inputs": spec.as_dict()["inputs"], "outputs": spec.as_dict()["outputs"],
-            "bytes": sum(f["bytes"] for f in manifest.files.values()), "weight_bytes": weight_bytes}
+    entry = {"model_file": f"{name}/{manifest.model_file}", "precision": spec.precision,
+             "inputs": spec.as_dict()["inputs"], "outputs": spec.as_dict()["outputs"],
+             "bytes": sum(f["bytes"] for f in manifest.files.values()), "weight_bytes": weight_bytes}
+    if sliced:
+        entry["attention_slice"] = {"option": options.attention_slice.label, "sliced_modules": sliced,
+                                    "max_chunks": max(chunks.values())}
+    return entry
+
+
+def _attention_chunks(module: nn.Module, spec: ExportSpec, option: AttentionSlice, *, wrapper: nn.Module | None,
+                      args: tuple[Any, ...] | None) -> dict[str, int]:
+    """Query chunks per self-attention module of the part (none for parts without diffusers attention). ``auto``
+    measures each module's token count in one batch-1 forward pass at the export size."""
+    attentions = self_attentions(module) if option.enabled else []
+    if not attentions:
+        return {}
+    if not option.auto:
+        return {name: option.chunks for name, _ in attentions}
+    if wrapper is None:  # the U-Net: the exporter's own wrapper, with batch-1 example feeds
+        wrapper = wrap_unet(module, spec)
+        args = torch_inputs(spec, spec.example_feeds(batch=1, seed=0))
+    args = tuple(a[:1] for a in args) if args else ()  # batch 1: the budget is per image
+    return plan_chunks(option, token_counts(module, lambda: wrapper(*args)))
 
 
 def _to_ort(onnx_dir: Path, folder: Path, manifest: Manifest) -> Manifest:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..memory import current_rss_mb, peak_rss_mb
+from ..memory import PhasePeaks, current_rss_mb
 from .bundle_format import BundleError, BundleManifest, check_bundle
 from .schedulers import make_scheduler
 
@@ -51,18 +51,23 @@ class GenerateOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     threads: int | None = None
     progress: bool = True
+    phase_peaks: bool = False  # reset the process's VmHWM between phases (the CLI: a process of its own)
 
 
 @dataclass
 class GenerateResult:
     """``image``: float32 [H, W, 3] in [0, 1]; ``latency_ms``: total ms per part (load and run separately);
-    ``peak_rss_mb``: the process's peak resident memory; ``rss_mb``: resident memory after each stage."""
+    ``peak_rss_mb``: the process's peak resident memory; ``rss_mb``: resident memory after each stage;
+    ``peak_rss_mb_phases`` (with ``phase_peaks``, Linux): the peak within each phase — ``loaded`` (every part,
+    all-loaded mode), ``text_encoder``, ``unet.load`` / ``vae_decoder.load`` (``--sequential``), ``unet`` (the
+    denoising loop), ``vae_decoder``."""
 
     image: np.ndarray
     latency_ms: dict[str, float] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     rss_mb: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    peak_rss_mb_phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
     def uint8(self) -> np.ndarray:
@@ -71,7 +76,8 @@ class GenerateResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.settings, "latency_ms": {k: round(v, 2) for k, v in self.latency_ms.items()},
-                "calls": self.calls, "rss_mb": self.rss_mb, "peak_rss_mb": round(self.peak_rss_mb, 1)}
+                "calls": self.calls, "rss_mb": self.rss_mb, "peak_rss_mb": round(self.peak_rss_mb, 1),
+                **({"peak_rss_mb_phases": self.peak_rss_mb_phases} if self.peak_rss_mb_phases else {})}
 
 
 def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -203,13 +209,19 @@ def generate(folder: Path, options: GenerateOptions, *, latents: np.ndarray | No
     if latents is None:
         latents = initial_latents(options.seed, shape)
     bundle = Bundle(folder, manifest, options)
+    peaks = PhasePeaks(enabled=options.phase_peaks)
     if not options.sequential:
         for part in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
             if part in manifest.parts:
                 bundle.load(part)
+        peaks.mark("loaded")
     rss: dict[str, float] = {"loaded": round(current_rss_mb(), 1)}
     cond = encode_prompts(bundle, options, height, width)
     rss["text_encoder"] = round(current_rss_mb(), 1)
+    peaks.mark("text_encoder")
+    if options.sequential:  # load apart from the run, so each has its own peak
+        bundle.load("unet")
+        peaks.mark("unet.load")
     scheduler.set_timesteps(options.steps)
     x = (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
     cfg = options.guidance > 1.0
@@ -222,18 +234,22 @@ def generate(folder: Path, options: GenerateOptions, *, latents: np.ndarray | No
             out = uncond + np.float32(options.guidance) * (text - uncond)
         x = scheduler.step(out, index, x)
     rss["unet"] = round(current_rss_mb(), 1)
+    peaks.mark("unet")
     if options.sequential:
         bundle.free("unet")
+        bundle.load("vae_decoder")
+        peaks.mark("vae_decoder.load")
     shift = image.get("shift_factor") or 0.0
     decoded = bundle.run("vae_decoder", {"latent_sample": x / np.float32(image["scaling_factor"]) + np.float32(shift)})
     rss["vae_decoder"] = round(current_rss_mb(), 1)
+    peaks.mark("vae_decoder")
     picture = np.clip(decoded["sample"][0].astype(np.float32) / 2 + 0.5, 0, 1).transpose(1, 2, 0)
     settings = {"prompt": options.prompt, "negative_prompt": options.negative_prompt, "steps": options.steps,
                 "guidance": options.guidance, "seed": options.seed, "height": height, "width": width,
                 "scheduler": options.scheduler or manifest.scheduler.get("_class_name"),
                 "sequential": options.sequential, "target": manifest.target, "precision": manifest.precision}
     return GenerateResult(image=picture, latency_ms=bundle.latency_ms, calls=bundle.calls, rss_mb=rss,
-                          peak_rss_mb=peak_rss_mb(), settings=settings)
+                          peak_rss_mb=peaks.peak(), peak_rss_mb_phases=peaks.phases, settings=settings)
 
 
 def _unet(bundle: Bundle, sample: np.ndarray, timestep: float, cond: dict[str, np.ndarray], *,
