@@ -14,6 +14,7 @@ from deploy_fixtures import torch_threads
 from laptop_deploy.cli.main import main
 from laptop_deploy.deploy.latency_table import (LatencyTable, LatencyTableError, UnitTime, check_table,
                                                 load_table, save_table)
+from laptop_deploy.deploy.manifest import read_manifest
 from laptop_deploy.deploy.profile import ProfileOptions, predicted_ms, profile_unet
 from laptop_deploy.models.layers import Layer, discover_layers
 from laptop_deploy.models.sources import resolve_model
@@ -202,3 +203,21 @@ def test_profile_runtime_not_installed_exits_2(tiny_onnx_fp32, tmp_path, capsys,
     code, _, err = run(capsys, "profile", "--model", "random:tiny-sd15", "--runtime", "trt", "--out",
                        str(tmp_path / "p"))
     assert code == 2 and "valid: torch, ort" in err and not (tmp_path / "p").exists()
+
+
+def test_fresh_process_timing_interleaves_rounds_and_names_a_failing_child(tiny_onnx_fp32, tmp_path):
+    """measure_fresh (prune --cost latency's ORT check, bench_int8): one child process per (round, variant),
+    the measure_interleaved result format; a child that cannot load its model fails with its own last line."""
+    from laptop_deploy.deploy.fresh_timing import measure_fresh, time_in_child
+
+    _, folder = tiny_onnx_fp32
+    manifest = read_manifest(folder)
+    model = folder / manifest.model_file
+    seen: list[str] = []
+    times = measure_fresh({"a": (model, manifest.spec), "b": (model, manifest.spec)}, repeats=1, threads=1,
+                          progress=seen.append)
+    assert seen == ["round 1/1: a (fresh process)", "round 1/1: b (fresh process)"]
+    for t in times.values():
+        assert t["min_ms"] == t["median_ms"] == t["max_ms"] == t["rounds_ms"][0] > 0
+    with pytest.raises(RuntimeError, match=r"fresh process failed \(exit 1\).*no such model file"):
+        time_in_child(tmp_path / "missing.onnx", manifest.spec)

@@ -81,7 +81,8 @@ def measure_student(unet: Any, removed: list[str], summary: dict[str, Any], *, r
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the teacher ``unet`` and its student without ``removed`` interleaved (``repeats`` rounds) in the
     setting of ``summary`` (:func:`latency_summary`: the table's setting and its prediction); the student is the teacher with the units bypassed (the removal mechanism), so
-    no copy is made. ort exports both graphs to a temporary folder first. Returns the measured ratio, the
+    no copy is made. ort exports both graphs to a temporary folder first and times every call in a fresh process
+    (:mod:`..deploy.fresh_timing`). Returns the measured ratio, the
     predicted one and the prediction error (predicted / measured − 1)."""
     from ..deploy.profile import measure_interleaved
     from ..deploy.spec import build_spec
@@ -97,11 +98,13 @@ def measure_student(unet: Any, removed: list[str], summary: dict[str, Any], *, r
                     "student": lambda: _torch_variant(unet, spec, layers)}
         times = measure_interleaved(variants, spec.example_feeds(seed=0), repeats=repeats, calls=calls,
                                     progress=progress)
-    else:
+    else:  # each measurement in a fresh process: this one holds the scorer's state (fresh_timing explains)
+        from ..deploy.fresh_timing import measure_fresh
+
         with tempfile.TemporaryDirectory(prefix="ld-measure.") as tmp:
-            variants = _ort_variants(unet, spec, layers, Path(tmp), setting, progress)
-            times = measure_interleaved(variants, spec.example_feeds(seed=0), repeats=repeats, calls=calls,
-                                        progress=progress)
+            paths, provider, threads = _ort_exports(unet, spec, layers, Path(tmp), setting, progress)
+            times = measure_fresh({name: (path, spec) for name, path in paths.items()}, repeats=repeats,
+                                  calls=calls, threads=threads, provider=provider, progress=progress)
     teacher, student = times["teacher"]["median_ms"], times["student"]["median_ms"]
     measured_ratio = student / teacher
     predicted_ratio = summary["predicted_ratio"]
@@ -112,12 +115,12 @@ def measure_student(unet: Any, removed: list[str], summary: dict[str, Any], *, r
                              "after": [round(x, 2) for x in os.getloadavg()]}}
 
 
-def _ort_variants(unet: Any, spec: Any, layers: list[Any], folder: Path, setting: dict[str, Any],
-                  progress: Callable[[str], None] | None) -> dict[str, Callable[[], Any]]:
-    """Export teacher and student (the teacher with ``layers`` bypassed) once each; runner factories."""
+def _ort_exports(unet: Any, spec: Any, layers: list[Any], folder: Path, setting: dict[str, Any],
+                 progress: Callable[[str], None] | None) -> tuple[dict[str, Path], str, int | None]:
+    """Export teacher and student (the teacher with ``layers`` bypassed) once each; their model files, and the
+    table setting's ORT provider and intra-op threads."""
     from ..exporters.onnx import OnnxOptions, export
     from ..models.layers import bypassed
-    from ..runtimes.ort import OrtRunner
 
     paths = {}
     for name, chosen in (("teacher", []), ("student", layers)):
@@ -131,8 +134,7 @@ def _ort_variants(unet: Any, spec: Any, layers: list[Any], folder: Path, setting
     threads = threads if isinstance(threads, int) else None
     providers = [p.removesuffix("ExecutionProvider").lower() for p in setting.get("providers", ["cpu"])]
     provider = providers[0] if providers and providers[0] in ("cpu", "cuda", "tensorrt") else "cpu"
-    return {name: (lambda p=path: OrtRunner(p, spec=spec, providers=provider, intra_op_threads=threads))
-            for name, path in paths.items()}
+    return paths, provider, threads
 
 
 def latency_text(latency: dict[str, Any] | None) -> str:
