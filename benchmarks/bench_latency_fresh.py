@@ -19,35 +19,23 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-# one variant, one process: the same measurement bench_latency.py makes in-process (measure_interleaved), alone
-CHILD = """
-import json, sys
-from laptop_deploy.deploy.manifest import read_manifest
-from laptop_deploy.deploy.profile import measure_interleaved
-from laptop_deploy.runtimes.ort import OrtRunner
-folder, warmup, calls, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-manifest = read_manifest(folder)
-make = lambda: OrtRunner(f"{folder}/{manifest.model_file}", spec=manifest.spec, intra_op_threads=threads)
-timed = measure_interleaved({"variant": make}, manifest.spec.example_feeds(seed=0), repeats=1, calls=calls,
-                            warmup=warmup)["variant"]
-print(json.dumps({"median_ms": timed["median_ms"]}))
-"""
-
-
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def time_once(folder: Path, args: argparse.Namespace) -> float:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(args.warmup), str(args.calls),
-                           str(args.threads)], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)["median_ms"]
+    """One measurement of the artifact in ``folder`` in a new process (``laptop_deploy.deploy.fresh_timing``)."""
+    from laptop_deploy.deploy.fresh_timing import time_in_child
+    from laptop_deploy.deploy.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    return time_in_child(folder / manifest.model_file, manifest.spec, warmup=args.warmup, calls=args.calls,
+                         threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
