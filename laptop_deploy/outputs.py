@@ -14,14 +14,21 @@ Lifecycle of a verb::
 
 ``write_atomically`` builds the new content in a temporary sibling (``.NAME.new-XXXX``), renames the old folder
 aside (``.NAME.old-XXXX``), renames the new one in, then deletes the old one: a crash at any moment leaves the old
-or the new folder whole (after a crash between the two renames both survive as hidden siblings).
+or the new folder whole (after a crash between the two renames both survive as hidden siblings). A process killed
+outright (SIGKILL, the OOM killer: no cleanup runs) leaves its hidden siblings behind — gigabytes for a full-size
+export — so the next ``write_atomically`` to the same folder removes them (:func:`sweep_leftovers`): a sibling's
+name carries the writer's host and process id (``.NAME.new-PID-HOST-XXXX``), and it is removed once that
+process is gone (from the same host only: a process id means nothing on another machine sharing the folder).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -176,13 +183,14 @@ def write_atomically(out: str | os.PathLike[str], write: Callable[[Path], Any], 
     """
     out = prepare_output(out, force=force, flag=flag)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    sweep_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-{_writer_tag()}-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the artifact private to its writer
         write(tmp)
         write_marker(tmp, kind=kind, entries=entries)
         if out.is_dir():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{_writer_tag()}-", dir=out.parent))
             os.replace(out, aside)  # replaces the empty placeholder folder atomically
             os.replace(tmp, out)
             delete_tree(aside)
@@ -193,6 +201,37 @@ def write_atomically(out: str | os.PathLike[str], write: Callable[[Path], Any], 
             delete_tree(tmp)
         raise
     return out
+
+
+def sweep_leftovers(out: Path) -> list[Path]:
+    """Remove the hidden ``.NAME.new-PID-HOST-*`` / ``.NAME.old-PID-HOST-*`` folders next to ``out`` written on this
+    host by a process ``PID`` that no longer runs: what a laptop-deploy process killed mid-write left. A live
+    writer's folder, another host's, a link, a file, or a name without that tag is left alone. Returns what was
+    removed."""
+    removed, host = [], _writer_tag().split("-")[1]
+    for tag in (".new-", ".old-"):
+        for sibling in sorted(out.parent.glob(f".{glob.escape(out.name)}{tag}*")):
+            pid, _, rest = sibling.name[len(out.name) + 1 + len(tag):].partition("-")
+            ours = pid.isdigit() and rest.startswith(host + "-") and sibling.is_dir() and not sibling.is_symlink()
+            if ours and not _alive(int(pid)):
+                delete_tree(sibling)
+                removed.append(sibling)
+    return removed
+
+
+def _writer_tag() -> str:
+    """``PID-HOST``: this process's id and a short hash of the host name, for temporary sibling names."""
+    return f"{os.getpid()}-{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def fresh_folder(out: str | os.PathLike[str], *, force: bool = False, kind: str, entries: Iterable[str],

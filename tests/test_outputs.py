@@ -160,3 +160,29 @@ def test_paths_accept_str_and_pathlike_only(tmp_path):
         as_path(3)
     write_atomically(str(tmp_path / "s"), _write({"a": "1"}))
     assert (tmp_path / "s" / "a").read_text() == "1"
+
+
+def test_a_killed_writers_hidden_folder_is_swept_by_the_next_write(tmp_path):
+    """SIGKILL (the OOM killer) mid-write runs no cleanup: the next write to the same folder removes what that
+    dead process left, and nothing else — not a live writer's folder, not another host's, not a user's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "art"
+    child = ("import os, signal, sys\nfrom pathlib import Path\nfrom laptop_deploy.outputs import write_atomically\n"
+             "def write(tmp):\n    (tmp / 'model.onnx').write_bytes(b'x' * 1000)\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n"
+             "write_atomically(Path(sys.argv[1]), write)\n")
+    done = subprocess.run([sys.executable, "-c", child, str(out)], capture_output=True)
+    assert done.returncode == -9
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".art.new-")]
+    assert (left / "model.onnx").stat().st_size == 1000 and not out.exists()
+    dead, host = left.name.split("-")[1:3]
+    kept = [tmp_path / f".art.new-{os.getpid()}-{host}-live", tmp_path / f".art.new-{dead}-other1-x",
+            tmp_path / ".art.old-backup"]
+    for folder in kept:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("mine")
+    write_atomically(out, _write({"a.txt": "new"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", *(f.name for f in kept)])
+    assert (out / "a.txt").read_text() == "new" and all((f / "keep.txt").read_text() == "mine" for f in kept)
