@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--attention-slice", metavar="auto|off|N",
                         help="--pipeline onnx/ort-mobile: compute each self-attention of the U-Net and VAE over N "
                              "query chunks (auto: enough that one image's scores stay <= 64 MiB at the export size), "
-                             "bounding generate's peak memory at large images (default off)")
+                             "bounding generate's peak memory at large images (default auto; coreml: off)")
     _tensorrt_args(export.add_argument_group("TensorRT (--target trt)"))
     _coreml_args(export.add_argument_group("Core ML (--target coreml)"))
     _executorch_args(export.add_argument_group("ExecuTorch (--target executorch)"))

@@ -41,9 +41,12 @@ class AttentionSlice:
     auto: bool = False
 
     @classmethod
-    def parse(cls, value: str | int | None) -> AttentionSlice:
-        """``auto``, ``off`` / ``1`` / None (whole attention), or a chunk count 2..MAX_CHUNKS; else exit 2."""
-        if value is None or str(value) in ("off", "1"):
+    def parse(cls, value: str | int | None) -> AttentionSlice | None:
+        """``auto``, ``off`` / ``1`` (whole attention), or a chunk count 2..MAX_CHUNKS; None stays None (the
+        caller's default); else exit 2."""
+        if value is None:
+            return None
+        if str(value) in ("off", "1"):
             return cls()
         if str(value) == "auto":
             return cls(auto=True)

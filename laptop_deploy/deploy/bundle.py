@@ -41,8 +41,9 @@ class BundleOptions:
     latent size (every axis is dynamic; Core ML: the one fixed size). The VAE encoder is always exported:
     diffusers' ONNX pipelines require it (img2img). Core ML (:mod:`.bundle_coreml`): ``coreml`` is the exporter's
     ``CoreMLOptions`` (compute units, deployment target, U-Net weight compression), ``chunk_unet`` splits the
-    U-Net in two packages. ``attention_slice`` (ONNX / ORT Mobile): self-attention of the U-Net and VAE over query
-    chunks (:mod:`.attention_slice`), which bounds ``generate``'s transient memory at large images."""
+    U-Net in two packages. ``attention_slice`` (ONNX / ORT Mobile; None: ``auto``, and off for Core ML):
+    self-attention of the U-Net and VAE over query chunks (:mod:`.attention_slice`), which bounds ``generate``'s
+    transient memory at large images (SD-1.5 at 512×512: 8 chunks in its 4096-token layers)."""
 
     target: str = "onnx"
     precision: str = "fp32"
@@ -54,7 +55,14 @@ class BundleOptions:
     seed: int = 0
     chunk_unet: bool = False
     coreml: Any = None  # exporters.coreml.CoreMLOptions (typed loosely: importing it imports coremltools)
-    attention_slice: AttentionSlice = AttentionSlice()
+    attention_slice: AttentionSlice | None = None
+
+    @property
+    def slicing(self) -> AttentionSlice:
+        """The attention slicing in effect: as given, else ``auto`` (ONNX, ORT Mobile) or off (Core ML)."""
+        if self.attention_slice is not None:
+            return self.attention_slice
+        return AttentionSlice() if self.target == "coreml" else AttentionSlice(auto=True)
 
     def check(self) -> None:
         if self.target not in BUNDLE_TARGETS:
@@ -64,7 +72,7 @@ class BundleOptions:
             raise LaptopDeployError(f"--chunk-unet splits the U-Net for Core ML's Neural Engine; it needs "
                                     f"--target coreml, not {self.target}")
         if self.target == "coreml":
-            if self.attention_slice.enabled:
+            if self.attention_slice is not None and self.attention_slice.enabled:
                 raise LaptopDeployError(f"--attention-slice {self.attention_slice.label}: slices the ONNX graph "
                                         f"of onnx and ort-mobile bundles, not --target coreml")
             if self.coreml is None:
@@ -165,7 +173,7 @@ def export_bundle(sources: BundleSources, out: Path, options: BundleOptions) -> 
               "force_zeros_for_empty_prompt": True if sdxl else None},
         source=described, provenance=sources.provenance, files=describe_tree(out), tools=tool_versions(),
         export={"exporter": options.exporter, "opset": options.opset, "slim": options.slim,
-                "attention_slice": options.attention_slice.label,
+                "attention_slice": options.slicing.label,
                 "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                 "notes": [f"{name}: {entry['note']}" for name, entry in entries.items() if "note" in entry]})
     write_bundle_manifest(out, manifest)
@@ -189,7 +197,7 @@ def _export_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, opti
     onnx_options.check()
     folder = out / name
     folder.mkdir()
-    chunks = _attention_chunks(module, spec, options.attention_slice, wrapper=wrapper, args=args)
+    chunks = _attention_chunks(module, spec, options.slicing, wrapper=wrapper, args=args)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:
         with sliced_attention(module, chunks) as sliced:
@@ -207,7 +215,7 @@ def _export_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, opti
              "inputs": spec.as_dict()["inputs"], "outputs": spec.as_dict()["outputs"],
              "bytes": sum(f["bytes"] for f in manifest.files.values()), "weight_bytes": weight_bytes}
     if sliced:
-        entry["attention_slice"] = {"option": options.attention_slice.label, "sliced_modules": sliced,
+        entry["attention_slice"] = {"option": options.slicing.label, "sliced_modules": sliced,
                                     "max_chunks": max(chunks.values())}
     return entry
 
