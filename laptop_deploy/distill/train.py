@@ -52,6 +52,7 @@ from .state import (
 from ..errors import DistillError
 from ..outputs import as_path
 from .options import MIXED_PRECISION, DistEnv, DistillOptions, dist_env, pick_device
+from .schedule import Ema, LrSchedule
 
 
 class NonFiniteLoss(Exception):
@@ -83,52 +84,7 @@ def check_student(teacher: nn.Module, student: nn.Module, *, student_name: str, 
 
 
 
-# ----------------------------------------------------------------------------------------- the schedule
-
-
-class _Schedule:
-    """Learning-rate factor: linear warm-up, then constant or cosine decay to 0 at ``total`` steps."""
-
-    def __init__(self, kind: str, warmup: int, total: int) -> None:
-        self.kind, self.warmup, self.total = kind, warmup, total
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "constant":
-            return 1.0
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 # ------------------------------------------------------------------------------------------- the run
-
-
-@dataclass
-class _Ema:
-    """Exponential moving average of the student's parameters, with diffusers' warm-up min(decay, (1+n)/(10+n))."""
-
-    decay: float
-    shadow: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, model: nn.Module, decay: float) -> _Ema:
-        """The shadow starts as the model's weights; decay 0 keeps no copy (SD-1.5: 3.4 GB saved)."""
-        return cls(decay, {n: p.detach().clone().float() for n, p in model.named_parameters()} if decay else {})
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        if not self.decay:
-            return
-        weight = 1 - min(self.decay, (1 + step) / (10 + step))
-        named = dict(model.named_parameters())
-        shadow = list(self.shadow.values())
-        torch._foreach_lerp_(shadow, [named[n].detach().float() for n in self.shadow], weight)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            param.copy_(self.shadow[name])
 
 
 def _init_distributed(device: torch.device) -> None:
@@ -191,10 +147,10 @@ class DistillRun:
             student.enable_gradient_checkpointing()
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(opts.lr_schedule, opts.warmup_steps,
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(opts.lr_schedule, opts.warmup_steps,
                                                                            opts.steps))
         scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-        ema = _Ema.of(student, opts.ema_decay)
+        ema = Ema.of(student, opts.ema_decay)
         settings = fingerprint(opts, self.lambda_task, self.teacher_info, self.student_info, self.data, env)
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint_path = self.out / CHECKPOINT_DIR / CHECKPOINT_FILE
@@ -339,7 +295,7 @@ class DistillRun:
         return record
 
     def _checkpoint(self, path: Path, step: int, student: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
-                    ema: _Ema, fingerprint: dict[str, Any], device: torch.device) -> None:
+                    ema: Ema, fingerprint: dict[str, Any], device: torch.device) -> None:
         if self.env.main:
             save_checkpoint(path, {
                 "version": CHECKPOINT_VERSION, "step": step, "fingerprint": fingerprint,
