@@ -21,6 +21,9 @@ Steps (into the caller's temporary folder; ``laptop-deploy export`` moves it int
    ``.pte``'s error against a float64 copy of the U-Net within a factor of eager fp32's own. A mismatch fails the
    export (exit 1) and nothing is written.
 
+``--precision int8`` replaces step 1 with XNNPACK's PT2E quantizer calibrated on captured denoising inputs and
+step 3's check with a held-out PSNR gate (:mod:`.executorch_int8`).
+
 ``executorch`` logs from C++ and its import pulls ``torchao``, which prints and adds warning filters: every
 ExecuTorch call here runs under :func:`~.console.quiet`, and ``executorch`` submodules are imported inside
 functions (only the bare package at import time, so a missing package names the extra).

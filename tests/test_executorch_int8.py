@@ -57,7 +57,6 @@ def spec():
 @pytest.fixture(scope="module")
 def converted(spec):
     """(module, converted graph module, program) of ConvLinearBmm through the quantizer's prepare/convert."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     torch.manual_seed(0)
@@ -65,7 +64,7 @@ def converted(spec):
     args = torch_inputs(spec, spec.example_feeds(seed=0))
     with torch_threads(1), torch.no_grad():
         prepared = prepare_pt2e(torch.export.export(module, args, strict=False).module(),
-                                XNNPACKQuantizer().set_global(q.quantization_config(q.EtInt8Options())))
+                                q.make_quantizer(q.EtInt8Options()))
         for seed in range(3):
             prepared(*torch_inputs(spec, spec.example_feeds(seed=seed)))
         program = torch.export.export(convert_pt2e(prepared), args, strict=False)
