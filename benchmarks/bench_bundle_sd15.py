@@ -2,6 +2,11 @@
 `--sequential` in fresh processes; peak RSS against the largest part's weight bytes (target: sequential ≤ 1.3×).
 
     flock /tmp/ld-heavy.lock .venv/bin/python benchmarks/bench_bundle_sd15.py [--work /tmp/sd15_bundle_work]
+    flock /tmp/ld-heavy.lock .venv/bin/python benchmarks/bench_bundle_sd15.py --parity   # after the run above
+
+``--parity`` reuses the two bundles in ``--work``: the sliced and the whole U-Net on the same batch-1 feeds
+(t = 999 and 1, 64×64), then ``verify`` of the ``auto`` bundle (every part by the calibrated gate, one 1-step image
+against the diffusers pipeline); writes ``benchmarks/results/bench_bundle_sd15_parity.json``.
 
 Two bundles: ``--attention-slice off`` (each self-attention whole) and ``--attention-slice auto`` (the U-Net's
 4096-token self-attentions over 8 query chunks at 512×512; see ``laptop_deploy/deploy/attention_slice.py``).
@@ -78,11 +83,60 @@ def summarize(exported: dict[str, dict], rows: list[dict]) -> dict:
             "generate": table}
 
 
+def parity(work: Path) -> dict:
+    """The ``auto`` bundle's U-Net against the ``off`` one's (ONNX Runtime, batch 1), then ``verify`` of it."""
+    import gc
+
+    import numpy as np
+    import onnxruntime as ort
+
+    manifest = json.loads((work / "bundle-off" / "manifest.json").read_text())
+    image, inputs = manifest["image"], {t["name"]: t["shape"] for t in manifest["parts"]["unet"]["inputs"]}
+    latent = (2, image["latent_channels"], image["height"] // image["vae_scale_factor"],
+              image["width"] // image["vae_scale_factor"])  # the export size: 64x64 for SD-1.5
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal(latent, dtype=np.float32),
+             "timestep": np.array([999.0, 1.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, *inputs["encoder_hidden_states"][1:]),
+                                                          dtype=np.float32)}
+    outs = {}
+    for variant in VARIANTS:
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False
+        session = ort.InferenceSession(str(work / f"bundle-{variant}" / "unet" / "model.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        outs[variant] = [session.run(None, {k: v[i:i + 1] for k, v in feeds.items()})[0].astype(np.float64)
+                         for i in range(2)]
+        del session
+        gc.collect()
+    unet = {f"t={feeds['timestep'][i]:.0f}": {
+        "rel_l2": float(np.linalg.norm(outs["auto"][i] - outs["off"][i]) / np.linalg.norm(outs["off"][i])),
+        "max_abs": float(np.abs(outs["auto"][i] - outs["off"][i]).max())} for i in range(2)}
+    argv = [CLI, "verify", str(work / "bundle-auto"), "--steps", "1", "--prompt", "a photo of a cat", "--json"]
+    run = subprocess.run(argv, capture_output=True, text=True)
+    verify = json.loads(run.stdout) if run.stdout.strip() else {"exit_code": run.returncode,
+                                                                  "stderr": run.stderr[-500:]}
+    return {"command": COMMAND + " --parity", "unet_auto_vs_off_batch1": unet, "verify_auto": {
+        "exit_code": run.returncode, "passed": verify.get("passed"), "cases": verify.get("cases"),
+        "failures": verify.get("failures"),
+        "parts": {name: {k: part.get(k) for k in ("passed", "rel_l2", "psnr_db", "judged_by")} |
+                  {"factor_rel_l2": (part.get("gate") or {}).get("factor_rel_l2"),
+                   "rel_l2_factor": (part.get("gate") or {}).get("rel_l2_factor")}
+                  for name, part in (verify.get("parts") or {}).items()}}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/sd15_bundle_work"))
+    parser.add_argument("--parity", action="store_true", help="check the two bundles already in --work")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.parity:
+        result = {"load_average_before": os.getloadavg(), **parity(args.work), "load_average_after": os.getloadavg()}
+        out = ROOT / "benchmarks" / "results" / "bench_bundle_sd15_parity.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2), file=sys.stderr)
+        return
     before = os.getloadavg()
     exported = {variant: export(args.work, variant) for variant in VARIANTS}
     rows = []
