@@ -289,6 +289,17 @@ def test_sliced_attention_bundle_draws_the_unsliced_image(sd15_bundle, sliced_sd
     np.testing.assert_allclose(sliced, whole, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_sliced_attention_bundle_passes_verify(sliced_sd15_bundle):
+    """The calibrated gate judges the sliced parts against the PyTorch modules (whole attention), and the image
+    against the diffusers pipeline."""
+    with torch_threads(1):
+        result = verify_bundle(sliced_sd15_bundle, prompts=("a photo of a cat",), steps=2, guidance=7.5)
+    assert result.passed, result.failures
+    assert all(part["gate"]["factor_rel_l2"] <= 2.0 for part in result.parts.values()), result.parts
+    assert result.cases[0]["psnr_db"] >= 40.0
+
+
 def test_attention_slice_bad_values_exit_2(tmp_path, capsys):
     out = tmp_path / "b"
     base = ("export", "--pipeline", "--model", "toy", "--target", "onnx", "--out", out, "--attention-slice")
