@@ -55,3 +55,13 @@ def export_artifact(source: ModelSource, out: Path, *, target: str = "onnx", pre
     write_atomically(out, lambda tmp: module.export(source.unet, spec, tmp, source=described,
                                                     options=module.Options(exporter=exporter)))
     return out
+
+
+def assert_exit_2(capsys, argv: list[str], message: str) -> None:
+    """The CLI refuses ``argv`` with exit 2, nothing on stdout and one stderr line containing ``message``."""
+    from laptop_deploy.cli.main import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (code, out, err)
+    assert err.count("\n") == 1 and message in err, err

@@ -21,7 +21,7 @@ from torch import nn
 pytest.importorskip("executorch", reason="the ExecuTorch target needs the [executorch] extra: "
                                          "pip install '.[executorch]'")
 
-from deploy_fixtures import torch_threads
+from deploy_fixtures import assert_exit_2, torch_threads
 from laptop_deploy.cli.main import main
 from laptop_deploy.deploy.spec import build_spec, torch_inputs
 from laptop_deploy.errors import CheckFailed
@@ -112,13 +112,6 @@ def test_gate_passes_and_fails_on_held_out_psnr(spec, converted, tmp_path):
         q.gate_pte(path, spec, data, options=q.EtInt8Options(min_psnr=90.0))
 
 
-def _exit_2(capsys, argv, message):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2 and out == "", (code, out, err)
-    assert err.count("\n") == 1 and message in err, err
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--precision", "int8", "--dynamic"], "--precision int8 with --dynamic: the int8 .pte is calibrated"),
     (["--precision", "int8", "--calib-method", "entropy"], "--calib-method entropy: --target executorch takes "
@@ -132,8 +125,8 @@ def _exit_2(capsys, argv, message):
 ])
 def test_bad_int8_options_exit_2_and_write_nothing(capsys, tmp_path, extra, message):
     out = tmp_path / "art"
-    _exit_2(capsys, ["export", "--model", "random:tiny-sd15", "--target", "executorch", *extra, "--out", str(out)],
-            message)
+    argv = ["export", "--model", "random:tiny-sd15", "--target", "executorch", *extra, "--out", str(out)]
+    assert_exit_2(capsys, argv, message)
     assert not out.exists()
 
 

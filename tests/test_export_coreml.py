@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("coremltools", reason="Core ML conversion needs the [coreml] extra: pip install '.[coreml]'")
 pytest.importorskip("sklearn", reason="coremltools' k-means palettization needs scikit-learn (the [coreml] extra)")
 
-from deploy_fixtures import tiny_source, torch_threads
+from deploy_fixtures import assert_exit_2, tiny_source, torch_threads
 from laptop_deploy.exporters import coreml
 from laptop_deploy.runtimes import RunnerError
 from laptop_deploy.runtimes.coreml import CoreMLRunner
@@ -192,13 +192,6 @@ def test_truncated_package_is_refused(sd15, tmp_path):
         read_manifest(copy)
 
 
-def _exit_2(capsys, argv, message):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2 and out == "", (code, out, err)
-    assert err.count("\n") == 1 and message in err, err
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--palettize", "5"], "--palettize 5: bits must be one of (4, 6, 8)"),
     (["--palettize", "6", "--quantize", "8"], "--palettize and --quantize are exclusive"),
@@ -211,8 +204,8 @@ def _exit_2(capsys, argv, message):
 ])
 def test_bad_options_exit_2_and_write_nothing(capsys, tmp_path, extra, message):
     out = tmp_path / "art"
-    _exit_2(capsys, ["export", "--model", "random:tiny-sd15", "--target", "coreml", *extra, "--out", str(out)],
-            message)
+    argv = ["export", "--model", "random:tiny-sd15", "--target", "coreml", *extra, "--out", str(out)]
+    assert_exit_2(capsys, argv, message)
     assert not out.exists()
 
 
@@ -226,7 +219,7 @@ def test_runner_refuses_onnx_runtime_options(sd15):
 @pytest.mark.parametrize("verb", ["verify", "bench"])
 def test_verify_and_bench_off_macos_exit_2_with_the_reason(capsys, sd15, verb):
     _, folder, _ = sd15
-    _exit_2(capsys, [verb, str(folder), "--model", "random:tiny-sd15"], "Core ML prediction requires macOS")
+    assert_exit_2(capsys, [verb, str(folder), "--model", "random:tiny-sd15"], "Core ML prediction requires macOS")
 
 
 @pytest.mark.skipif(not MACOS, reason="Core ML prediction exists only on macOS")

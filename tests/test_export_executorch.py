@@ -23,7 +23,7 @@ from torch import nn
 pytest.importorskip("executorch", reason="the ExecuTorch target needs the [executorch] extra: "
                                          "pip install '.[executorch]'")
 
-from deploy_fixtures import STUDENT_REMOVALS, torch_threads
+from deploy_fixtures import STUDENT_REMOVALS, assert_exit_2, torch_threads
 from laptop_deploy.cli.main import main
 from laptop_deploy.deploy.manifest import read_manifest
 from laptop_deploy.deploy.spec import build_spec, torch_inputs
@@ -125,13 +125,6 @@ def test_runner_refuses_truncated_and_foreign_files(small_pte, tmp_path):
         ExecuTorchRunner(path, spec=spec, providers="cpu")
 
 
-def _exit_2(capsys, argv, message):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2 and out == "", (code, out, err)
-    assert err.count("\n") == 1 and message in err, err
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--precision", "fp16"], "--precision fp16 is not supported by --target executorch; valid: fp32"),
     (["--et-max-batch", "2"], "--et-max-batch / --et-max-latent bound a --dynamic export; this one is static"),
@@ -141,8 +134,8 @@ def _exit_2(capsys, argv, message):
 ])
 def test_bad_options_exit_2_and_write_nothing(capsys, tmp_path, extra, message):
     out = tmp_path / "art"
-    _exit_2(capsys, ["export", "--model", "random:tiny-sd15", "--target", "executorch", *extra, "--out", str(out)],
-            message)
+    argv = ["export", "--model", "random:tiny-sd15", "--target", "executorch", *extra, "--out", str(out)]
+    assert_exit_2(capsys, argv, message)
     assert not out.exists()
 
 
