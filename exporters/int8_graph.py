@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .int8_groups import unit_of
+
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
-UNIT_ROOTS = ("down_blocks", "up_blocks", "mid_block")  # a unit is <root>.<i>.<kind>.<j> below these
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
                 "DynamicQuantizeMatMul", "QGemm", "QLinearAdd", "QLinearMul")
 
@@ -41,19 +42,6 @@ def _scope(node: onnx.NodeProto) -> str:
     parts = [p for p in node.name.split("/") if p]  # TorchScript: /unet/down_blocks.0/resnets.0/conv1/Conv
     parts = parts[1:] if parts and parts[0] == "unet" else parts
     return ".".join(parts[:-1]) if len(parts) > 1 else ""
-
-
-def unit_of(scope: str) -> str:
-    """The U-Net unit of a module path: ``down_blocks.0.attentions.1`` for anything inside it, the first component
-    elsewhere (``conv_in``, ``time_embedding``), ``graph`` when the exporter recorded no scope."""
-    parts = [p for p in scope.split(".") if p]
-    if not parts:
-        return "graph"
-    if parts[0] == "mid_block" and len(parts) >= 3:
-        return ".".join(parts[:3])
-    if parts[0] in UNIT_ROOTS and len(parts) >= 4:
-        return ".".join(parts[:4])
-    return ".".join(parts[:2]) if parts[0] in UNIT_ROOTS else parts[0]
 
 
 def node_groups(graph: onnx.GraphProto) -> dict[str, list[str]]:
