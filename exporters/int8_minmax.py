@@ -58,15 +58,17 @@ def augmented(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     return model
 
 
-def calibrate_minmax(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path) -> int:
+def calibrate_minmax(pre: Path, feeds: list[dict[str, np.ndarray]], cache: Path,
+                     op_types: tuple[str, ...] = QUANT_OPS) -> int:
     """Run ``feeds`` through the graph at ``pre`` (weights inline or in its external-data file) and write the
-    MinMax calibration cache to ``cache``; returns the number of tensors calibrated."""
+    MinMax calibration cache of the tensors around ``op_types`` nodes to ``cache``; returns the number of tensors
+    calibrated."""
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
     from tqdm import tqdm
 
     model = onnx.load(str(pre), load_external_data=False)
-    tensors = tensors_to_calibrate(model.graph)
+    tensors = tensors_to_calibrate(model.graph, op_types)
     if not feeds:
         raise ValueError("calibrate_minmax: no calibration input")
     # beside the original: its initializers name the weights file relative to the graph's folder

@@ -12,7 +12,8 @@ tools (``onnxruntime.quantization``) behind a quality gate.
    OOM-killed), Entropy or Percentile by ``quantize_static``'s histogram calibrators — then
    ``quantize_static`` in QDQ format: per-channel symmetric int8 weights, asymmetric uint8 activations (what ORT
    recommends on x86 with VNNI: ``reduce_range`` off), Conv / MatMul / Gemm only — their QDQ groups are the
-   patterns ORT's CPU EP fuses into ``QLinearConv`` / ``QLinearMatMul`` / ``MatMulIntegerToFloat``;
+   patterns ORT's CPU EP fuses into ``QLinearConv`` / ``MatMulIntegerToFloat`` / ``QGemm`` — with MatMul and Gemm
+   outputs left float (:data:`FLOAT_OUTPUT_OPS`: no QLinearSoftmax, no Quantize/Dequantize pair before float ops);
 4. the gate: PSNR of the int8 graph's output against the fp32 model on the held-out inputs (the worst case).
    While below ``min_psnr``: every node group (:func:`.int8_graph.node_groups`: one U-Net unit's
    convolutions/projections, or its attention-score MatMuls) is quantized alone and scored; groups are then kept
@@ -45,20 +46,28 @@ from torch import nn
 from ..deploy.spec import ExportSpec
 from ..errors import CheckFailed, LaptopDeployError
 from .int8_calib import Captured, capture, read_prompts
+from .int8_groups import keep_float
 from .int8_graph import QUANT_OPS, executed_ops, node_groups, node_macs, weights_only
 from .int8_minmax import calibrate_minmax
 from .onnx_files import DATA_FILE, name_nodes, save_onnx
 
 INT8_PRECISIONS = ("int8", "int8-weights")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+# Outputs left float (no QuantizeLinear after them): ORT's CPU EP then runs MatMul as MatMulIntegerToFloat and Gemm
+# as a QGemm writing float, so the Softmax after QKᵀ runs in float instead of as QLinearSoftmax — 5-6× slower than
+# float Softmax on SD-1.5's 4096-token self-attention, 35% of the all-int8 student's kernel time
+# (benchmarks/results/int8_profile_sd15.json) — and projections that only feed reshapes, splits, residual adds and
+# normalisations (float ops) lose a Quantize/Dequantize pair and a rounding.
+FLOAT_OUTPUT_OPS = ("MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
 class Int8Options:
     """``--calib-prompts`` (count or file), ``--calib-steps`` per loop, ``--calib-method``, the gate's
     ``--min-psnr`` (dB) and ``--max-float-share`` (fraction of Conv/MatMul/Gemm MACs the gate may keep float),
-    ``per_channel`` weight scales. ``given`` names the int8 options set on the command line (refused without an
-    int8 precision)."""
+    ``per_channel`` weight scales, ``float_outputs``: quantized op types whose outputs stay float
+    (:data:`FLOAT_OUTPUT_OPS`; ``()`` puts a Quantize/Dequantize pair after every one). ``given`` names the int8
+    options set on the command line (refused without an int8 precision)."""
 
     calib_prompts: str = "4"
     calib_steps: int = 8
@@ -66,17 +75,21 @@ class Int8Options:
     min_psnr: float = 30.0
     max_float_share: float = 0.5
     per_channel: bool = True
+    float_outputs: tuple[str, ...] = FLOAT_OUTPUT_OPS
     held_out: int = 1
     given: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: Any) -> Int8Options:
-        names = ("calib_prompts", "calib_steps", "calib_method", "min_psnr", "max_float_share")
+        names = ("calib_prompts", "calib_steps", "calib_method", "min_psnr", "max_float_share", "float_outputs")
         values = {n: getattr(args, n, None) for n in names}
+        flag = getattr(args, "int8_float_outputs", None)  # "MatMul,Gemm" or "none"
+        if flag is not None:
+            values["float_outputs"] = tuple(o.strip() for o in flag.split(",") if o.strip() not in ("", "none"))
         given = tuple(n for n, v in values.items() if v is not None)
         options = cls(**{n: v for n, v in values.items() if v is not None}, given=given)
         if given and getattr(args, "precision", None) not in INT8_PRECISIONS:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            flags = ", ".join("--" + ("int8_" * (n == "float_outputs") + n).replace("_", "-") for n in given)
             raise LaptopDeployError(f"{flags}: only with --precision int8 or int8-weights "
                                     f"(got {args.precision or 'the default precision'})")
         return options
@@ -90,6 +103,9 @@ class Int8Options:
             raise LaptopDeployError(f"--max-float-share {self.max_float_share}: must lie in [0, 1]")
         if not np.isfinite(self.min_psnr):
             raise LaptopDeployError(f"--min-psnr {self.min_psnr}: must be a finite number of dB")
+        if not set(self.float_outputs) <= set(QUANT_OPS):
+            raise LaptopDeployError(f"--int8-float-outputs {','.join(self.float_outputs)}: valid: "
+                                    f"{', '.join(QUANT_OPS)} or none")
         read_prompts(self.calib_prompts)
 
 
@@ -167,8 +183,9 @@ class _Reader:
 
 def quantize(pre: Path, out: Path, *, cache: Path, options: Int8Options, feeds: list[dict[str, np.ndarray]] | None,
              only: list[str] | None = None, exclude: list[str] | None = None) -> Path:
-    """One ``quantize_static`` run: QDQ, per-channel int8 weights, uint8 activations, Conv/MatMul/Gemm;
-    calibrates into ``cache`` when ``feeds`` are given, else reads the ranges from it."""
+    """One ``quantize_static`` run: QDQ, per-channel int8 weights, uint8 activations, Conv/MatMul/Gemm, the outputs
+    of ``options.float_outputs`` left float; calibrates into ``cache`` when ``feeds`` are given, else reads the
+    ranges from it."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -184,7 +201,8 @@ def quantize(pre: Path, out: Path, *, cache: Path, options: Int8Options, feeds: 
                         use_external_data_format=external, calibrate_method=method,
                         # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 it clears the collected min/max
                         # without merging them ("No data is collected" when the count divides evenly).
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                       "OpTypesToExcludeOutputQuantization": list(options.float_outputs)},
                         calibration_cache_path=str(cache))
     finally:
         logging.disable(logging.NOTSET)
@@ -252,26 +270,6 @@ def quantize_gated(fp32: Path, stage: Path, data: Captured, options: Int8Options
                           f"{len(kept)} of {len(groups)} node groups float ({100 * share:.1f}% of MACs; "
                           f"--max-float-share {options.max_float_share:g})")
     return current["path"], record
-
-
-def keep_float(order: list[str], shares: dict[str, float], evaluate: Any, *, start_db: float, min_psnr: float,
-               max_share: float) -> tuple[list[str], float, list[dict[str, Any]]]:
-    """The gate's greedy loop: add groups from ``order`` (most sensitive first) to the float set, calling
-    ``evaluate(kept) -> PSNR dB`` after each, until the PSNR reaches ``min_psnr`` or the next group would push the
-    float share of MACs above ``max_share``. Returns (kept groups, last PSNR, one log entry per evaluation)."""
-    kept: list[str] = []
-    psnr, log = start_db, [{"kept_float": None, "psnr_db": round(start_db, 2), "float_mac_share": 0.0}]
-    for group in order:
-        if psnr >= min_psnr:
-            break
-        share = sum(shares[g] for g in (*kept, group))
-        if share > max_share:
-            break
-        kept.append(group)
-        psnr = evaluate(kept)
-        log.append({"kept_float": group, "psnr_db": round(psnr, 2), "float_mac_share": round(share, 4)})
-        _say(f"int8: + {group} float ({100 * share:.1f}% of MACs float): {psnr:.2f} dB")
-    return kept, psnr, log
 
 
 def _say(line: str) -> None:

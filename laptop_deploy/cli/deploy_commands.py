@@ -22,6 +22,9 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if getattr(args, "attention_slice", None) is not None:
         raise LaptopDeployError("--attention-slice slices the attention of an app bundle's parts: use it with "
                                 "--pipeline")
+    if getattr(args, "int8_float_outputs", None) is not None and args.target not in ("onnx", "ort-mobile"):
+        raise LaptopDeployError(f"--int8-float-outputs chooses ONNX Runtime's int8 kernels: use it with --target "
+                                f"onnx or ort-mobile, not '{args.target}'")
     from ..exporters import get_exporter
     from ..deploy.manifest import model_hash
     from ..models.sources import resolve_model

@@ -86,6 +86,9 @@ def _int8_args(group: Any) -> None:  # an argparse argument group; defaults live
                        help="quality gate: held-out output PSNR vs fp32, else keep sensitive nodes float (default 30)")
     group.add_argument("--max-float-share", type=float, metavar="X",
                        help="most of the Conv/MatMul MACs the gate may keep float before failing (default 0.5)")
+    group.add_argument("--int8-float-outputs", metavar="OPS",
+                       help="quantized op types whose outputs stay float, comma-separated, or 'none' "
+                            "(default MatMul,Gemm: Softmax runs float; docs/INT8.md)")
 
 
 def _bundle_verify_args(group: Any) -> None:  # verify BUNDLE (deploy.bundle_verify)

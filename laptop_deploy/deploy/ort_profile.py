@@ -99,8 +99,9 @@ def _lookup(name: str, by_node: dict[str, list[str]], by_tensor: dict[str, list[
 
 def read_profile(profile_path: Path, *, by_node: dict[str, list[str]], by_tensor: dict[str, list[str]],
                  units: list[str], skip_runs: int) -> dict[str, Any]:
-    """Per run (after the first ``skip_runs``): the run's wall ms, ms per unit (inclusive), ms per op category,
-    and the ms of kernels whose origin had to be inferred from their neighbour."""
+    """Per run (after the first ``skip_runs``): the run's wall ms, ms per unit (inclusive), ms per op category
+    (``ops``) and per kernel op type (``op_types``), and the ms of kernels whose origin had to be inferred from
+    their neighbour."""
     events = json.loads(Path(profile_path).read_text())
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[skip_runs:]
     kernels = sorted((e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")),
@@ -112,11 +113,13 @@ def read_profile(profile_path: Path, *, by_node: dict[str, list[str]], by_tensor
         inside = [e for e in kernels if lo <= e["ts"] <= hi]
         per_unit: dict[str, float] = defaultdict(float)
         per_op: dict[str, float] = defaultdict(float)
+        per_type: dict[str, float] = defaultdict(float)  # by the kernel's ONNX op type (QuantizeLinear, ...)
         pending: list[float] = []
         inferred = 0.0
         for e in inside:
             ms = e["dur"] / 1e3
             per_op[op_category(e.get("args", {}).get("op_name", ""))] += ms
+            per_type[e.get("args", {}).get("op_name", "?")] += ms
             paths = _lookup(re.sub(r"_kernel_time$", "", e["name"]), by_node, by_tensor)
             if paths is None:
                 pending.append(ms)
@@ -128,5 +131,6 @@ def read_profile(profile_path: Path, *, by_node: dict[str, list[str]], by_tensor
                 if path in unit_set:
                     per_unit[path] += share
         out.append({"run_ms": run["dur"] / 1e3, "units": dict(per_unit), "ops": dict(per_op),
+                    "op_types": dict(per_type),
                     "kernel_ms": sum(e["dur"] for e in inside) / 1e3, "inferred_ms": inferred + sum(pending)})
     return {"runs": out}
