@@ -4,8 +4,9 @@ and ``bench`` work on ``.pte`` artifacts unchanged. What runs here is the C++ ru
 links; the Python layer only hands tensors across.
 
 ``intra_op_threads`` resizes ExecuTorch's process-wide thread pool (what XNNPACK uses) for as long as the runner is
-entered, and restores the previous size on exit; default: the runtime's own choice. Inputs go in as float32 torch
-tensors in the spec's order; outputs come back as float32 numpy arrays keyed by the spec's names.
+entered, and restores the previous size on exit; default: the runtime's own choice. Inputs go in as torch tensors
+in the spec's order and dtypes (float32 latents; int32 token ids for an app bundle's text encoder); outputs come
+back as float32 numpy arrays keyed by the spec's names.
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ class ExecuTorchRunner(Runner):
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[name], dtype=np.float32))
-                for name in self.spec.input_names]
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name], dtype=t.dtype)) for t in self.spec.inputs]
         try:
             if self._first_call:  # XNNPACK probes the CPU on its first run and logs it from C++
                 with quiet("executorch"):

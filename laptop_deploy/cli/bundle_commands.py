@@ -40,6 +40,10 @@ def export_pipeline(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                             chunk_unet=getattr(args, "chunk_unet", False), coreml=coreml,
                             attention_slice=attention_slice)
     options.check()
+    if args.target == "executorch":
+        from ..exporters import get_exporter
+
+        get_exporter("executorch")  # a missing executorch: one line naming the [executorch] extra (exit 2)
     sources = resolve_sources(args.model, seed=args.seed)
     from ..deploy.spec import build_spec
 

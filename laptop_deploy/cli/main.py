@@ -287,15 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, metavar="DIR", help="artifact folder to write")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     export.add_argument("--pipeline", action="store_true",
-                        help="the whole text-to-image pipeline as an app bundle (onnx, ort-mobile, coreml): text "
-                             "encoder(s), U-Net, VAE, tokenizer(s), scheduler in the diffusers ONNX layout")
+                        help="the whole text-to-image pipeline as an app bundle (onnx, ort-mobile, coreml, executorch): "
+                             "text encoder(s), U-Net, VAE, tokenizer(s), scheduler in the diffusers ONNX layout")
     export.add_argument("--chunk-unet", action="store_true",
                         help="--pipeline --target coreml: split the U-Net into UnetChunk1/UnetChunk2.mlpackage "
                              "(Apple's layout for the Neural Engine's size limit)")
     export.add_argument("--attention-slice", metavar="auto|off|N",
                         help="--pipeline onnx/ort-mobile: compute each self-attention of the U-Net and VAE over N "
                              "query chunks (auto: enough that one image's scores stay <= 64 MiB at the export size), "
-                             "bounding generate's peak memory at large images (default auto; coreml: off)")
+                             "bounding generate's peak memory at large images (default auto; coreml, executorch: off)")
     _tensorrt_args(export.add_argument_group("TensorRT (--target trt)"))
     _coreml_args(export.add_argument_group("Core ML (--target coreml)"))
     _executorch_args(export.add_argument_group("ExecuTorch (--target executorch)"))

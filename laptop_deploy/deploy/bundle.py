@@ -32,7 +32,8 @@ from .bundle_parts import (FP32_PARTS, VAE_PARTS, save_tokenizer, text_encoder_s
 from .manifest import Manifest, model_hash, tool_versions, write_manifest
 from .spec import ExportSpec, build_spec, torch_inputs, wrap_unet
 
-BUNDLE_TARGETS = ("onnx", "ort-mobile", "coreml")
+BUNDLE_TARGETS = ("onnx", "ort-mobile", "coreml", "executorch")
+FIXED_SIZE_TARGETS = ("coreml", "executorch")  # one image size per bundle
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,11 @@ class BundleOptions:
 
     @property
     def slicing(self) -> AttentionSlice:
-        """The attention slicing in effect: as given, else ``auto`` (ONNX, ORT Mobile) or off (Core ML)."""
+        """The attention slicing in effect: as given, else ``auto`` (ONNX, ORT Mobile) or off (Core ML,
+        ExecuTorch)."""
         if self.attention_slice is not None:
             return self.attention_slice
-        return AttentionSlice() if self.target == "coreml" else AttentionSlice(auto=True)
+        return AttentionSlice() if self.target in FIXED_SIZE_TARGETS else AttentionSlice(auto=True)
 
     def check(self) -> None:
         if self.target not in BUNDLE_TARGETS:
@@ -71,10 +73,14 @@ class BundleOptions:
         if self.chunk_unet and self.target != "coreml":
             raise LaptopDeployError(f"--chunk-unet splits the U-Net for Core ML's Neural Engine; it needs "
                                     f"--target coreml, not {self.target}")
+        if self.target in FIXED_SIZE_TARGETS and self.attention_slice is not None and self.attention_slice.enabled:
+            raise LaptopDeployError(f"--attention-slice {self.attention_slice.label}: slices the ONNX graph of onnx "
+                                    f"and ort-mobile bundles, not --target {self.target}")
+        if self.target == "executorch" and self.precision != "fp32":
+            raise LaptopDeployError(f"--pipeline --target executorch --precision {self.precision}: ExecuTorch "
+                                    f"bundles are fp32 (an int8 .pte U-Net: --target executorch --precision int8 "
+                                    f"without --pipeline)")
         if self.target == "coreml":
-            if self.attention_slice is not None and self.attention_slice.enabled:
-                raise LaptopDeployError(f"--attention-slice {self.attention_slice.label}: slices the ONNX graph "
-                                        f"of onnx and ort-mobile bundles, not --target coreml")
             if self.coreml is None:
                 raise LaptopDeployError("--target coreml bundle: Core ML options are missing")
             self.coreml.check()
@@ -130,6 +136,9 @@ def export_bundle(sources: BundleSources, out: Path, options: BundleOptions) -> 
 
         return export_coreml_bundle(sources, out, options)
     start = time.perf_counter()
+    export_part = _export_part
+    if options.target == "executorch":
+        from .bundle_executorch import export_pte_part as export_part
     unet, parts = sources.unet.unet, sources.parts
     family = sources.unet.family
     sdxl = family == "sdxl"
@@ -148,31 +157,34 @@ def export_bundle(sources: BundleSources, out: Path, options: BundleOptions) -> 
         encoder = parts.part(name).eval()
         spec = text_encoder_spec(encoder, tokens=ids.shape[1], hidden_states=sdxl, precision=options.precision)
         wrapper = text_encoder_wrapper(encoder, hidden_states=sdxl)
-        entries[name] = _export_part(name, encoder, spec, out, options, wrapper=wrapper, args=(ids,),
-                                     source={"part": name, "of": parts.spec})
-    entries["unet"] = _export_part("unet", unet, unet_spec, out, options, source=described)
+        entries[name] = export_part(name, encoder, spec, out, options, wrapper=wrapper, args=(ids,),
+                                    source={"part": name, "of": parts.spec})
+    entries["unet"] = export_part("unet", unet, unet_spec, out, options, source=described)
     channels = config["in_channels"]
     for name in VAE_PARTS:
         spec = vae_spec(name, latent_channels=channels, height=height, width=width, factor=factor)
         wrapper = _vae_wrapper(name, vae)
         args = vae_example(name, latent_channels=channels, height=height, width=width, factor=factor)
-        entries[name] = {**_export_part(name, vae, spec, out, options, wrapper=wrapper, args=args,
-                                        source={"part": name, "of": parts.spec}), "note": FP32_PARTS[name]}
+        entries[name] = {**export_part(name, vae, spec, out, options, wrapper=wrapper, args=args,
+                                       source={"part": name, "of": parts.spec}), "note": FP32_PARTS[name]}
     scheduler = parts.part("scheduler")
     scheduler.save_pretrained(out / "scheduler")
-    _write_model_index(out, family=family, scheduler=type(scheduler).__name__, parts=list(entries),
-                       toy=parts.kind == "toy")
+    if options.target != "executorch":  # diffusers loads ONNX parts, not .pte
+        _write_model_index(out, family=family, scheduler=type(scheduler).__name__, parts=list(entries),
+                           toy=parts.kind == "toy")
     vae_config = dict(vae.config)
     manifest = BundleManifest(
         target=options.target, family=family, precision=options.precision, parts=entries, tokenizers=tokenizers,
         scheduler=json.loads((out / "scheduler" / "scheduler_config.json").read_text()),
         image={"vae_scale_factor": factor, "latent_channels": channels, "scaling_factor": vae_config["scaling_factor"],
                "shift_factor": vae_config.get("shift_factor"), "height": height * factor, "width": width * factor,
-               "multiple_of": factor * downsample_factor(config)},
+               "multiple_of": factor * downsample_factor(config),
+               **({"fixed": True} if options.target in FIXED_SIZE_TARGETS else {})},
         unet={"sdxl": sdxl, "downsample": downsample_factor(config),
               "force_zeros_for_empty_prompt": True if sdxl else None},
         source=described, provenance=sources.provenance, files=describe_tree(out), tools=tool_versions(),
-        export={"exporter": options.exporter, "opset": options.opset, "slim": options.slim,
+        export={**({"backend": "XnnpackPartitioner", "max_batch": 2} if options.target == "executorch" else
+                   {"exporter": options.exporter, "opset": options.opset, "slim": options.slim}),
                 "attention_slice": options.slicing.label,
                 "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                 "notes": [f"{name}: {entry['note']}" for name, entry in entries.items() if "note" in entry]})

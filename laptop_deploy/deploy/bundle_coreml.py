@@ -11,7 +11,7 @@ Layout (names and I/O: :mod:`.coreml_parts`; docs/BUNDLE.md compares it with App
     manifest.json          laptop-deploy-bundle v1 (target coreml): every file inside every package with its sha256
 
 Each part is traced (``torch.jit.trace`` of its wrapper, fp32), checked against the stock PyTorch call with the
-calibrated gate at the traced factors (:func:`traced_check`; the chunks: chunk 2 ∘ chunk 1 against the whole U-Net),
+calibrated gate at the traced factors (:func:`.bundle_parts.module_check`; the chunks: chunk 2 ∘ chunk 1 against the whole U-Net),
 then converted, compressed and read back by the Core ML exporter's own steps (:mod:`laptop_deploy.exporters.coreml`:
 ``convert``, ``compress``, ``read_package``, ``check_package``). Prediction needs macOS; on Linux ``verify BUNDLE``
 re-runs the traced checks (:func:`verify_traced`) and says that prediction was not run.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,8 @@ from torch import nn
 
 from ..errors import CheckFailed
 from .bundle_format import BundleManifest, describe_tree, write_bundle_manifest
-from .bundle_parts import FP32_PARTS, VAE_PARTS, save_tokenizer, vae_scale_factor
+from .bundle_parts import FP32_PARTS, VAE_PARTS, as_tuple, module_check, save_tokenizer, vae_scale_factor
 from .coreml_parts import CoreMLPart, chunk_specs, package_name, text_part, unet_part, unet_reference, vae_part
-from .noise_floor import TRACED_FACTORS, Gate, copy_as, floor_row
-from .verify import Tolerances, compare
 
 APPLE_LAYOUT = "ml-stable-diffusion Resources (.mlpackage; compile to .mlmodelc with xcrun coremlcompiler)"
 
@@ -79,43 +76,15 @@ def trace(part: CoreMLPart) -> torch.jit.ScriptModule:
 
     try:
         with quiet("coremltools", python_stderr=True), torch.no_grad():
-            # check_trace off: traced_check below is the stronger check (other inputs, stock call, float64 gate)
+            # check_trace off: module_check below is the stronger check (other inputs, stock call, float64 gate)
             return torch.jit.trace(part.wrapper, part.example, check_trace=False)
     except Exception as exc:  # tracing failures come as many exception types
         raise CoreMLExportError(f"{part.name}: torch.jit.trace failed: {type(exc).__name__}: "
                                 f"{_first_line(exc)}") from exc
 
 
-def _as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def traced_check(run: Callable[[tuple[torch.Tensor, ...]], Any], module: nn.Module,
-                 reference: Callable[..., tuple[torch.Tensor, ...]], args: tuple[torch.Tensor, ...],
-                 names: list[str], *, case: str) -> dict[str, Any]:
-    """``run(args)`` (the traced part, or traced chunks composed) against ``reference(module, *args)`` in fp32 and
-    in float64 (a float64 copy of ``module``), judged per output by the calibrated gate at
-    :data:`~.noise_floor.TRACED_FACTORS` — the same rule as the Core ML exporter's U-Net check. Raises
-    :class:`CheckFailed` (exit 1) on a mismatch; returns the worst metrics."""
-    wide = tuple(a.double() if a.is_floating_point() else a for a in args)
-    with torch.no_grad():
-        out = [t.double().numpy() for t in _as_tuple(run(args))]
-        ref = [t.double().numpy() for t in reference(module, *args)]
-        exact = [t.numpy() for t in reference(copy_as(module, torch.float64), *wide)]
-    report = compare(dict(zip(names, ref)), dict(zip(names, out)), tolerances=Tolerances(None, None), case=case)
-    rows = [floor_row(e, r, o, gate=Gate(*TRACED_FACTORS), case=case, output=n, reference="torch fp32")
-            for n, e, r, o in zip(names, exact, ref, out)]
-    failures = report.failures + [f for row in rows for f in row.failures]
-    if len(out) != len(names) or failures:
-        raise CheckFailed(f"{case}: the traced module differs from PyTorch: {'; '.join(failures) or 'output count'}")
-    summary = report.summary()
-    return {"rel_l2": summary["rel_l2"], "psnr_db": summary["psnr_db"], "max_abs": summary["max_abs"],
-            "factor_rel_l2": max(row.factor_rel_l2 for row in rows),
-            "factor_max_abs": max(row.factor_max_abs for row in rows), "gate": list(TRACED_FACTORS)}
-
-
 def check_part(part: CoreMLPart, traced: torch.jit.ScriptModule) -> dict[str, Any]:
-    return traced_check(lambda args: traced(*args), part.module, part.reference, part.check,
+    return module_check(lambda args: traced(*args), part.module, part.reference, part.check,
                         part.spec.output_names, case=f"{part.name} traced vs PyTorch")
 
 
@@ -125,10 +94,10 @@ def check_chunks(first: CoreMLPart, second: CoreMLPart, traced1: Any, traced2: A
     names = first.spec.input_names
 
     def run(args: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        feeds = dict(zip(names, args)) | dict(zip(first.spec.output_names, _as_tuple(traced1(*args))))
+        feeds = dict(zip(names, args)) | dict(zip(first.spec.output_names, as_tuple(traced1(*args))))
         return traced2(*(feeds[name] for name in second.spec.input_names))
 
-    return traced_check(run, first.module, unet_reference, first.check, ["noise_pred"],
+    return module_check(run, first.module, unet_reference, first.check, ["noise_pred"],
                         case="unet_chunk2(unet_chunk1) traced vs the whole U-Net")
 
 

@@ -15,6 +15,7 @@ Every axis but the token axis is dynamic (CFG doubles the batch; the app picks t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,63 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> tuple[dict[str, Any], Any]:
     entry = {"file": f"{folder.name}/tokenizer.json", "max_length": length, "pad_id": tokenizer.pad_token_id,
              "pad_token": tokenizer.pad_token}
     return entry, torch.tensor(ids, dtype=torch.int32)
+
+
+def as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def module_check(run: Callable[[tuple[torch.Tensor, ...]], Any], module: nn.Module,
+                 reference: Callable[..., tuple[torch.Tensor, ...]], args: tuple[torch.Tensor, ...],
+                 names: list[str], *, case: str, gate: tuple[float, float] | None = None) -> dict[str, Any]:
+    """``run(args)`` (a traced part, traced chunks composed, a ``.pte`` in ExecuTorch's runtime) against
+    ``reference(module, *args)`` in fp32 and in float64 (a float64 copy of ``module``; token ids stay integers),
+    judged per output by the calibrated gate at ``gate`` (rel L2, max abs factors of the torch fp32 noise floor;
+    default :data:`~.noise_floor.TRACED_FACTORS`, the Core ML exporter's U-Net rule). Raises :class:`CheckFailed`
+    (exit 1) on a mismatch; returns the worst metrics."""
+    from ..errors import CheckFailed
+    from .noise_floor import TRACED_FACTORS, Gate, copy_as, floor_row
+    from .verify import Tolerances, compare
+
+    factors = gate or TRACED_FACTORS
+    wide = tuple(a.double() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        out = [t.double().numpy() for t in as_tuple(run(args))]
+        ref = [t.double().numpy() for t in reference(module, *args)]
+        exact = [t.numpy() for t in reference(copy_as(module, torch.float64), *wide)]
+    report = compare(dict(zip(names, ref)), dict(zip(names, out)), tolerances=Tolerances(None, None), case=case)
+    rows = [floor_row(e, r, o, gate=Gate(*factors), case=case, output=n, reference="torch fp32")
+            for n, e, r, o in zip(names, exact, ref, out)]
+    failures = report.failures + [f for row in rows for f in row.failures]
+    if len(out) != len(names) or failures:
+        raise CheckFailed(f"{case}: the exported part differs from PyTorch: {'; '.join(failures) or 'output count'}")
+    summary = report.summary()
+    return {"rel_l2": summary["rel_l2"], "psnr_db": summary["psnr_db"], "max_abs": summary["max_abs"],
+            "factor_rel_l2": max(row.factor_rel_l2 for row in rows),
+            "factor_max_abs": max(row.factor_max_abs for row in rows), "gate": list(factors)}
+
+
+def part_spec(part: dict[str, Any]) -> ExportSpec:
+    """The ExportSpec of a bundle manifest's part entry (its inputs and outputs; sizes are the axes' names)."""
+    return ExportSpec.from_dict({"inputs": part["inputs"], "outputs": part["outputs"], "batch": 2, "height": 1,
+                                 "width": 1, "dynamic": True, "precision": part["precision"], "downsample": 1})
+
+
+def part_feeds(part: dict[str, Any], sizes: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded fp32 inputs of one part (a bundle manifest's entry: named axes resolved by ``sizes``, which has
+    ``batch``) in its input order: token ids in [0, 400), timesteps spread from 999 to 1, SDXL's time ids."""
+    batch = sizes["batch"]
+    feeds: dict[str, torch.Tensor] = {}
+    for tensor in part["inputs"]:
+        shape = [sizes[d] if isinstance(d, str) else d for d in tensor["shape"]]
+        if tensor["name"] == "input_ids":
+            value = torch.randint(0, 400, shape, generator=generator, dtype=torch.int32)
+        elif tensor["name"] == "timestep":
+            value = torch.linspace(999, 1, batch).round()
+        elif tensor["name"] == "time_ids":
+            h, w = sizes["image_height"], sizes["image_width"]
+            value = torch.tensor([[h, w, 0, 0, h, w]] * batch, dtype=torch.float32)
+        else:
+            value = torch.randn(shape, generator=generator)
+        feeds[tensor["name"]] = value
+    return feeds

@@ -1,6 +1,7 @@
 """``verify BUNDLE``: every part against its PyTorch module, then the whole loop against the diffusers pipeline.
 
-1. **Parts**: each part's ONNX Runtime session and its PyTorch module (the same wrappers the exporter traced) on
+1. **Parts**: each part in the app loop's runtime (:class:`.generate.Bundle`: ONNX Runtime, or ExecuTorch's for
+   an ``executorch`` bundle) and its PyTorch module (the same wrappers the exporter traced) on
    seeded inputs (token ids for text encoders), judged as ``verify`` judges a U-Net artifact
    (:func:`.verify.parity_rules`): by the calibrated gate (:mod:`.noise_floor`) — the part's error against a
    float64 copy of its module within ``Gate.for_precision(part precision)``'s factor of the floor reference's own
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from .bundle_format import BundleManifest, check_bundle
-from .generate import GenerateOptions, generate, initial_latents
+from .bundle_parts import part_feeds, part_spec
+from .generate import Bundle, GenerateOptions, generate, initial_latents
 from .noise_floor import copy_as, floor_precision, judge_against_floor, summarize
 
 MIN_PSNR = {"fp32": 40.0, "fp16": 30.0}
@@ -87,31 +89,26 @@ def verify_parts(folder: Path, manifest: BundleManifest, sources: Any,
                  overrides: PartOverrides = PartOverrides()) -> dict[str, dict[str, Any]]:
     """Parity of every part against its PyTorch module (see the module docstring): {part: parity summary with
     ``gate`` (floor, artifact error and factor of the worst output, every output's row) and ``judged_by``}."""
-    import onnxruntime as ort
-
     image = manifest.image
     sizes = {"batch": 2, "height": image["height"] // image["vae_scale_factor"],
              "width": image["width"] // image["vae_scale_factor"], "image_height": image["height"],
              "image_width": image["width"]}
     generator = torch.Generator().manual_seed(0)
+    runtime = Bundle(folder, manifest, GenerateOptions(prompt="", sequential=True))  # the app loop's runtime
     results: dict[str, dict[str, Any]] = {}
     for name, part in manifest.parts.items():
-        feeds = _part_feeds(part, sizes, generator)
+        feeds = part_feeds(part, sizes, generator)
         module = _part_module(name, part, manifest, sources, sizes)
-        session = ort.InferenceSession(str(folder / part["model_file"]), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        typed = {i.name: feeds[i.name].numpy().astype(
-            {"tensor(float16)": np.float16, "tensor(int32)": np.int32}.get(i.type, np.float32))
-            for i in session.get_inputs()}
-        out = dict(zip(names, (np.asarray(v, np.float32) for v in session.run(None, typed))))
-        del session
+        names = [o["name"] for o in part["outputs"]]
+        out = runtime.run(name, {key: value.numpy() for key, value in feeds.items()})
+        runtime.free(name)
         results[name] = judge_part(name, part["precision"], module, feeds, names, out, overrides)
     return results
 
 
 def judge_part(name: str, precision: str, module: torch.nn.Module, feeds: dict[str, torch.Tensor],
                names: list[str], out: dict[str, np.ndarray], overrides: PartOverrides) -> dict[str, Any]:
-    """One part: its ORT outputs ``out`` against ``module`` (fp32), a float64 copy (the exact function) and the
+    """One part: its runtime's outputs ``out`` against ``module`` (fp32), a float64 copy (the exact function) and the
     floor reference, by :func:`.verify.parity_rules`. Returns the JSON summary (``failures`` include the gate's)."""
     from .verify import Tolerances, compare, parity_rules
 
@@ -153,39 +150,18 @@ def _run_part(module: torch.nn.Module, feeds: dict[str, torch.Tensor], dtype: to
     return {n: o.double().numpy() for n, o in zip(names, outputs)}
 
 
-def _part_feeds(part: dict[str, Any], sizes: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Seeded fp32 inputs of one part in its input order (token ids in [0, 400), timesteps 999 and 1)."""
-    feeds: dict[str, torch.Tensor] = {}
-    for tensor in part["inputs"]:
-        shape = [sizes[d] if isinstance(d, str) else d for d in tensor["shape"]]
-        if tensor["name"] == "input_ids":
-            value = torch.randint(0, 400, shape, generator=generator, dtype=torch.int32)
-        elif tensor["name"] == "timestep":
-            value = torch.tensor([999.0, 1.0])
-        elif tensor["name"] == "time_ids":
-            h, w = sizes["image_height"], sizes["image_width"]
-            value = torch.tensor([[h, w, 0, 0, h, w]] * 2, dtype=torch.float32)
-        else:
-            value = torch.randn(shape, generator=generator)
-        feeds[tensor["name"]] = value
-    return feeds
-
-
 def _part_module(name: str, part: dict[str, Any], manifest: BundleManifest, sources: Any,
                  sizes: dict[str, int]) -> torch.nn.Module:
     """The PyTorch module a part was traced from (the exporter's own wrappers)."""
     from .bundle import _vae_wrapper
     from .bundle_parts import text_encoder_wrapper
-    from .spec import ExportSpec, wrap_unet
+    from .spec import wrap_unet
 
     if name.startswith("text_encoder"):
         return text_encoder_wrapper(sources.parts.part(name).eval(), hidden_states=manifest.unet["sdxl"])
     if name.startswith("vae"):
         return _vae_wrapper(name, sources.parts.part("vae"))
-    spec = ExportSpec.from_dict({"inputs": part["inputs"], "outputs": part["outputs"], "batch": 2,
-                                 "height": sizes["height"], "width": sizes["width"], "dynamic": True,
-                                 "precision": part["precision"], "downsample": 1})
-    return wrap_unet(sources.unet.unet.eval(), spec)
+    return wrap_unet(sources.unet.unet.eval(), part_spec(part))
 
 
 def verify_bundle(folder: Path, *, model: str | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS,

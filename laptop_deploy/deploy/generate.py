@@ -13,7 +13,9 @@ loaded first)::
 
 Initial latents are ``numpy.random.default_rng(seed).standard_normal([1, C, h, w], float32)`` times the
 scheduler's ``init_noise_sigma`` — the same draw ``verify`` hands to the PyTorch pipeline. This module must never
-import torch or diffusers (a test runs it in a subprocess and checks ``sys.modules``).
+import torch or diffusers (a test runs it in a subprocess and checks ``sys.modules``) for ONNX and ORT Mobile
+bundles; an ``executorch`` bundle's parts run in ExecuTorch's Python runtime, whose bindings take torch tensors (an
+app links ExecuTorch's C++ runtime instead).
 """
 
 from __future__ import annotations
@@ -85,9 +87,36 @@ def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
+class OrtPart:
+    """One part as an ONNX Runtime session: ``run(feeds)`` → outputs by name, feeds cast to the session's input
+    dtypes (an fp16 part takes float16), float16 outputs returned as float32."""
+
+    def __init__(self, path: Path, options: GenerateOptions) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if options.threads:
+            opts.intra_op_num_threads = options.threads
+        if options.sequential:  # the arena would keep a freed part's activations: low peak over speed
+            opts.enable_cpu_mem_arena = False
+        self.session = ort.InferenceSession(str(path), opts, providers=list(options.providers))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        typed = {i.name: np.ascontiguousarray(feeds[i.name], dtype=_DTYPES.get(i.type, np.float32))
+                 for i in self.session.get_inputs()}
+        values = self.session.run(None, typed)
+        return {o.name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
+                for o, v in zip(self.session.get_outputs(), values)}
+
+    def close(self) -> None:
+        self.session = None
+
+
 class Bundle:
-    """A checked bundle and its parts as ONNX Runtime sessions, loaded on demand (``load``) and freed (``free``);
-    ``run`` times every call into ``latency_ms``."""
+    """A checked bundle and its parts (:class:`OrtPart`, or :class:`~.bundle_executorch.PtePart` for an
+    ``executorch`` bundle), loaded on demand (``load``) and freed (``free``); ``run`` times every call into
+    ``latency_ms``."""
 
     def __init__(self, folder: Path, manifest: BundleManifest, options: GenerateOptions) -> None:
         self.folder, self.manifest, self.options = Path(folder), manifest, options
@@ -100,39 +129,34 @@ class Bundle:
         self.calls[key] = self.calls.get(key, 0) + 1
 
     def load(self, part: str) -> None:
-        import onnxruntime as ort
-
         if part in self.sessions:
             return
         if part not in self.manifest.parts:
             raise BundleError(f"{self.folder}: the bundle has no part '{part}' (it has "
                               f"{', '.join(self.manifest.parts)})")
         start = time.perf_counter()
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.options.threads:
-            opts.intra_op_num_threads = self.options.threads
-        if self.options.sequential:  # the arena would keep a freed part's activations: low peak over speed
-            opts.enable_cpu_mem_arena = False
         path = self.folder / self.manifest.parts[part]["model_file"]
-        self.sessions[part] = ort.InferenceSession(str(path), opts, providers=list(self.options.providers))
+        if self.manifest.target == "executorch":  # ExecuTorch's Python runtime takes torch tensors: imports torch
+            from .bundle_executorch import PtePart
+
+            self.sessions[part] = PtePart(path, self.manifest.parts[part], threads=self.options.threads)
+        else:
+            self.sessions[part] = OrtPart(path, self.options)
         self._add(f"{part}.load", start)
 
     def free(self, part: str) -> None:
-        self.sessions.pop(part, None)
+        session = self.sessions.pop(part, None)
+        if session is not None:
+            session.close()
         gc.collect()
 
     def run(self, part: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name (float32), feeds cast to the session's input dtypes (an fp16 part takes float16)."""
+        """Outputs by name (float32 for float outputs)."""
         self.load(part)
-        session = self.sessions[part]
-        typed = {i.name: np.ascontiguousarray(feeds[i.name], dtype=_DTYPES.get(i.type, np.float32))
-                 for i in session.get_inputs()}
         start = time.perf_counter()
-        values = session.run(None, typed)
+        out = self.sessions[part].run(feeds)
         self._add(part, start)
-        return {o.name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
-                for o, v in zip(session.get_outputs(), values)}
+        return out
 
 
 class PromptTokenizer:
@@ -150,9 +174,13 @@ class PromptTokenizer:
 
 
 def check_size(manifest: BundleManifest, height: int | None, width: int | None) -> tuple[int, int]:
-    """Image height and width (pixels) the U-Net accepts: multiples of ``image.multiple_of``; else exit 2."""
+    """Image height and width (pixels) the U-Net accepts: multiples of ``image.multiple_of``, or the bundle's one
+    size when ``image.fixed`` (Core ML, ExecuTorch); else exit 2."""
     image = manifest.image
     height, width = height or image["height"], width or image["width"]
+    if image.get("fixed") and (height, width) != (image["height"], image["width"]):
+        raise BundleError(f"--height {height} --width {width}: this {manifest.target} bundle was exported at one "
+                          f"size, {image['height']}x{image['width']} (export it again with --height/--width)")
     step = image["multiple_of"]
     for label, size in (("height", height), ("width", width)):
         if size <= 0 or size % step:
