@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, metavar="DIR", help="artifact folder to write")
     export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     export.add_argument("--pipeline", action="store_true",
-                        help="the whole text-to-image pipeline as an app bundle (onnx, ort-mobile, coreml, executorch): "
-                             "text encoder(s), U-Net, VAE, tokenizer(s), scheduler in the diffusers ONNX layout")
+                        help="the whole text-to-image pipeline as an app bundle (onnx, ort-mobile, coreml, "
+                             "executorch): text encoder(s), U-Net, VAE, tokenizer(s), scheduler in the diffusers ONNX layout")
     export.add_argument("--chunk-unet", action="store_true",
                         help="--pipeline --target coreml: split the U-Net into UnetChunk1/UnetChunk2.mlpackage "
                              "(Apple's layout for the Neural Engine's size limit)")

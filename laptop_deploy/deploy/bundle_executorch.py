@@ -14,9 +14,9 @@ and every other axis is fixed at the bundle's size (ExecuTorch plans memory for 
 bundle per size, as for Core ML). The manifest's shapes say so: ``batch`` is the only named axis.
 
 Each part: ``torch.export`` of the ONNX bundle's wrapper (:mod:`.bundle_parts`; the U-Net's
-:func:`~.spec.wrap_unet`) at batch 2 → ``to_edge_transform_and_lower`` with XNNPACK → ``model.pte`` (the single-target
-exporter's steps, :mod:`laptop_deploy.exporters.executorch`), then the saved program, loaded in ExecuTorch's runtime,
-against the eager wrapper at batch 1 and 2 on other seeded inputs, judged by the calibrated gate
+:func:`~.spec.wrap_unet`) at batch 2 → ``to_edge_transform_and_lower`` with XNNPACK → ``model.pte`` (the
+single-target exporter's steps, :mod:`laptop_deploy.exporters.executorch`), then the saved program, loaded in
+ExecuTorch's runtime, against the eager wrapper at batch 1 and 2 on other seeded inputs, judged by the calibrated gate
 (:func:`.bundle_parts.module_check`) at the exporter's ``.pte`` factors. A mismatch fails the export (exit 1) and
 nothing is written. fp32 only: the int8 ``.pte`` is gated per U-Net export (``--target executorch --precision int8``).
 """
