@@ -13,8 +13,9 @@ Layout (names and I/O: :mod:`.coreml_parts`; docs/BUNDLE.md compares it with App
 Each part is traced (``torch.jit.trace`` of its wrapper, fp32), checked against the stock PyTorch call with the
 calibrated gate at the traced factors (:func:`.bundle_parts.module_check`; the chunks: chunk 2 ∘ chunk 1
 against the whole U-Net), then converted, compressed and read back by the Core ML exporter's own steps
-(:mod:`laptop_deploy.exporters.coreml`: ``convert``, ``compress``, ``read_package``, ``check_package``). Prediction needs macOS; on Linux ``verify BUNDLE``
-re-runs the traced checks (:func:`verify_traced`) and says that prediction was not run.
+(:mod:`laptop_deploy.exporters.coreml`: ``convert``, ``compress``, ``read_package``, ``check_package``).
+Prediction needs macOS; on Linux ``verify BUNDLE`` re-runs the traced checks (:func:`verify_traced`) and says that
+prediction was not run.
 """
 
 from __future__ import annotations
