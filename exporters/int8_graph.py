@@ -11,6 +11,9 @@
   (symmetric, per output channel) behind a ``DequantizeLinear``; activations stay float.
 * :func:`executed_ops` — the op types ONNX Runtime's CPU EP really ran (from its profiler), to show that QDQ pairs
   became integer kernels (``QLinearConv``, ``QLinearMatMul``, ``MatMulIntegerToFloat``...).
+* :func:`bias_matmul_outputs` / :func:`insert_qdq` — the quantized MatMuls whose float output only feeds a bias
+  ``Add``, and a Quantize/Dequantize pair put back there: ORT's basic-level MatMul+Add fusion would otherwise turn
+  them into a *float* Gemm over weights dequantized on every call (before its QDQ fusions run).
 """
 
 from __future__ import annotations
@@ -152,3 +155,68 @@ def executed_ops(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
             counts[event.get("args", {}).get("op_name", "?")] += 1
     return dict(sorted(counts.items()))
+
+
+def _made_by(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def bias_matmul_outputs(graph: onnx.GraphProto) -> list[str]:
+    """Output tensors of quantized MatMuls (both inputs from ``DequantizeLinear``) with no ``QuantizeLinear`` after
+    them whose only consumer is an ``Add`` with a constant operand (a linear layer's bias).
+
+    Why: with MatMul outputs float (``FLOAT_OUTPUT_OPS``) ORT's basic-level MatMulAddFusion turns DQ→MatMul→Add into
+    a Gemm before its QDQ fusions run, and that Gemm runs in float over weights dequantized on every call (the
+    SD-1.5 teacher, whose >2 GiB graph skips ``quant_pre_process``'s own MatMul+Add fusion: 64 such Gemms).
+    A Quantize/Dequantize pair on the MatMul's output makes it a QLinearMatMul instead."""
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                      for o in n.output}
+    made = _made_by(graph)
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        if not all(made.get(i) is not None and made[i].op_type == "DequantizeLinear" for i in node.input[:2]):
+            continue
+        out = node.output[0]
+        users = readers.get(out, [])
+        if out in outputs or len(users) != 1 or users[0].op_type != "Add":
+            continue
+        other = [i for i in users[0].input if i != out]
+        if len(other) == 1 and other[0] in constants:
+            found.append(out)
+    return found
+
+
+def insert_qdq(model: onnx.ModelProto, params: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    """Put ``QuantizeLinear`` → ``DequantizeLinear`` (scale, zero point: 0-d float32 and uint8/int8 arrays) on each
+    tensor of ``params``, right after the node that makes it, its readers rewired to the dequantized copy (in
+    place; the graph-only proto of an external-weights model is enough). Returns the number of pairs added."""
+    graph = model.graph
+    made = {out: index for index, node in enumerate(graph.node) for out in node.output}
+    after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    for tensor, (scale, zero) in params.items():
+        if tensor not in made:
+            continue
+        q, dq = f"{tensor}_QuantizeLinear_Output", f"{tensor}_DequantizeLinear_Output"
+        graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32), f"{tensor}_scale"),
+                                  numpy_helper.from_array(np.asarray(zero), f"{tensor}_zero_point")])
+        for node in graph.node:
+            node.input[:] = [dq if name == tensor else name for name in node.input]
+        after[made[tensor]].extend([
+            onnx.helper.make_node("QuantizeLinear", [tensor, f"{tensor}_scale", f"{tensor}_zero_point"], [q],
+                                  name=f"{tensor}_QuantizeLinear"),
+            onnx.helper.make_node("DequantizeLinear", [q, f"{tensor}_scale", f"{tensor}_zero_point"], [dq],
+                                  name=f"{tensor}_DequantizeLinear")])
+    nodes = []
+    for index, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(index, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return sum(len(v) for v in after.values()) // 2

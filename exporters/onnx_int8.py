@@ -47,7 +47,8 @@ from ..deploy.spec import ExportSpec
 from ..errors import CheckFailed, LaptopDeployError
 from .int8_calib import Captured, capture, read_prompts
 from .int8_groups import keep_float
-from .int8_graph import QUANT_OPS, executed_ops, node_groups, node_macs, weights_only
+from .int8_graph import QUANT_OPS, bias_matmul_outputs, executed_ops, insert_qdq, node_groups, node_macs, \
+    weights_only
 from .int8_minmax import calibrate_minmax
 from .onnx_files import DATA_FILE, name_nodes, save_onnx
 
@@ -55,7 +56,7 @@ INT8_PRECISIONS = ("int8", "int8-weights")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 # Outputs left float (no QuantizeLinear after them): ORT's CPU EP then runs MatMul as MatMulIntegerToFloat and Gemm
 # as a QGemm writing float, so the Softmax after QKᵀ runs in float instead of as QLinearSoftmax — 5-6× slower than
-# float Softmax on SD-1.5's 4096-token self-attention, 35% of the all-int8 student's kernel time
+# float Softmax on SD-1.5's 4096-token self-attention, 36% of the all-int8 student's kernel time
 # (benchmarks/results/int8_profile_sd15.json) — and projections that only feed reshapes, splits, residual adds and
 # normalisations (float ops) lose a Quantize/Dequantize pair and a rounding.
 FLOAT_OUTPUT_OPS = ("MatMul", "Gemm")
@@ -206,7 +207,32 @@ def quantize(pre: Path, out: Path, *, cache: Path, options: Int8Options, feeds: 
                         calibration_cache_path=str(cache))
     finally:
         logging.disable(logging.NOTSET)
+    if "MatMul" in options.float_outputs:
+        requantize_bias_matmuls(out, cache)
     return out
+
+
+def requantize_bias_matmuls(path: Path, cache: Path) -> int:
+    """Quantize/Dequantize pairs back on the outputs :func:`.int8_graph.bias_matmul_outputs` names (their scale and
+    zero point from the calibration cache, computed as ``quantize_static`` does for uint8 activations), so ORT runs
+    those MatMuls as QLinearMatMul and not as a float Gemm; the graph at ``path`` is rewritten in place (weights
+    untouched). Returns the number of pairs added."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+    model = onnx.load(str(path), load_external_data=False)
+    ranges = load_tensors_data(cache)
+    qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.UINT8)
+    params = {}
+    for name in bias_matmul_outputs(model.graph):
+        if name in ranges:
+            low, high = (np.asarray(v, dtype=np.float32).reshape(()) for v in ranges[name].range_value)
+            zero, scale = compute_scale_zp(low, high, qmin, qmax, symmetric=False)
+            params[name] = (np.asarray(scale, np.float32), np.asarray(zero, np.uint8))
+    added = insert_qdq(model, params) if params else 0
+    if added:
+        onnx.save_model(model, str(path))  # the graph file; an external weights file keeps its name
+    return added
 
 
 def held_out_psnr(path: Path, data: Captured) -> float:

@@ -180,6 +180,44 @@ def test_weights_only_round_trip_is_within_half_a_step():
     assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Conv"]
 
 
+def test_a_bias_matmul_gets_its_output_quantized_so_ort_runs_it_as_int8(tmp_path):
+    """DQ→MatMul→Add(bias) with a float MatMul output: ORT's MatMul+Add fusion makes a float Gemm over weights
+    dequantized on every call (what the SD-1.5 teacher's 64 bias MatMuls ran as); insert_qdq's pair makes it a
+    QLinearMatMul, and the output moves by at most half a quantization step."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from laptop_deploy.exporters.int8_graph import bias_matmul_outputs, executed_ops, insert_qdq
+
+    rng = np.random.default_rng(0)
+    arrays = {"xs": np.float32(0.05), "xz": np.uint8(128), "w": rng.integers(-127, 128, (64, 32)).astype(np.int8),
+              "ws": np.float32(0.01), "wz": np.int8(0), "b": rng.standard_normal(32).astype(np.float32)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="wdq"),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 16, 64])],
+                              [helper.make_tensor_value_info("y", 1, [1, 16, 32])],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((1, 16, 64)).astype(np.float32)}
+    paths = {label: tmp_path / f"{label}.onnx" for label in ("before", "after")}
+    onnx.save(model, str(paths["before"]))
+    assert bias_matmul_outputs(model.graph) == ["m"]
+    assert executed_ops(paths["before"], feeds).get("Gemm") == 1  # float, weights dequantized per call
+    scale = 0.25  # uint8 around 128: [-32, 31.75], wider than these outputs
+    assert insert_qdq(model, {"m": (np.float32(scale), np.uint8(128))}) == 1
+    onnx.checker.check_model(model)
+    onnx.save(model, str(paths["after"]))
+    assert bias_matmul_outputs(model.graph) == []
+    kernels = executed_ops(paths["after"], feeds)
+    assert kernels.get("QLinearMatMul") == 1 and "Gemm" not in kernels and "MatMul" not in kernels
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for p in paths.values())
+    assert 0 < np.abs(a - b).max() <= scale / 2 + 1e-5
+
+
 def test_keep_float_adds_most_sensitive_groups_until_the_gate_passes():
     shares = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
     gains = {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}
@@ -300,3 +338,15 @@ def test_own_minmax_calibration_writes_the_cache_ort_would(tiny_onnx_fp32, tmp_p
         np.testing.assert_allclose(ours[name].range_value, theirs[name].range_value, rtol=1e-5, atol=1e-6,
                                    err_msg=name)
     assert sorted(p.name for p in external.parent.iterdir()) == [MODEL_FILE, DATA_FILE], "augmented graph removed"
+    # an external-weights graph skips ORT's pre-quantization MatMul+Add fusion: its bias MatMuls keep a quantized
+    # output (quantize -> requantize_bias_matmuls), so ORT runs none of them as a float Gemm
+    from laptop_deploy.exporters.int8_graph import bias_matmul_outputs, executed_ops
+    from laptop_deploy.exporters.onnx_int8 import quantize
+
+    assert bias_matmul_outputs(onnx.load(str(external), load_external_data=False).graph) == []  # not quantized yet
+    path = quantize(external, tmp_path / "q" / MODEL_FILE, cache=tmp_path / "ours.json", feeds=None,
+                    options=Int8Options())
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert bias_matmul_outputs(graph) == [] and sum(n.op_type == "MatMul" for n in graph.node) > 10
+    kernels = executed_ops(path, feeds[0])
+    assert "Gemm" not in kernels and "MatMul" not in kernels and kernels.get("QLinearMatMul", 0) > 5, kernels
