@@ -138,9 +138,9 @@ def export(unet: nn.Module, spec: ExportSpec, out_dir: Path, *, source: dict[str
     int8: dict[str, Any] = {}
     if spec.precision == "int8":
         data = capture_inputs(unet, spec, source=source, options=options.int8)
-        program, reference = _quantize(unet, spec, data, options)
+        program, reference, kept = _quantize(unet, spec, data, options)
         int8 = {"int8_calibration": calibration_record(data, options.int8),
-                "int8_compute": compute_split(program.graph_module)}
+                "int8_compute": compute_split(program.graph_module), **kept}
     else:
         program = export_program(unet, spec, options)
     export_s = time.perf_counter() - start
@@ -171,9 +171,12 @@ def export(unet: nn.Module, spec: ExportSpec, out_dir: Path, *, source: dict[str
     return manifest
 
 
-def _quantize(unet: nn.Module, spec: ExportSpec, data: Any, options: ExecuTorchOptions) -> tuple[Any, nn.Module]:
+def _quantize(unet: nn.Module, spec: ExportSpec, data: Any,
+              options: ExecuTorchOptions) -> tuple[Any, nn.Module, dict[str, Any]]:
     try:
         return quantized_program(unet, spec, data, options.int8)
+    except LaptopDeployError:  # the gate's verdict (exit 1) or bad input: as raised
+        raise
     except Exception as exc:  # torch.export / torchao raise many exception types
         raise ExecuTorchExportError(f"int8 quantization failed: {type(exc).__name__}: {_first_line(exc)} "
                                     f"(--debug shows the traceback)") from exc
@@ -181,10 +184,11 @@ def _quantize(unet: nn.Module, spec: ExportSpec, data: Any, options: ExecuTorchO
 
 def _int8_line(int8: dict[str, Any]) -> str:
     share = int8["int8_compute"]["float_mac_share"]
+    kept = int8.get("int8_kept_float_groups") or []
+    why = "attention-score matmuls" + (f"; kept float by the gate: {', '.join(kept)}" if kept else "")
     return (f"  int8: held-out PSNR of the .pte vs fp32 {int8['int8_psnr_db']:.2f} dB (gate "
             f"{int8['int8_min_psnr_db']:g} dB; PyTorch's PT2E reference {int8.get('int8_pt2e_reference_psnr_db')} "
-            f"dB); {'n/a' if share is None else f'{100 * share:.1f}%'} of conv/linear/matmul MACs float "
-            f"(attention-score matmuls)")
+            f"dB); {'n/a' if share is None else f'{100 * share:.1f}%'} of conv/linear/matmul MACs float ({why})")
 
 
 def dynamic_shapes(spec: ExportSpec, options: ExecuTorchOptions) -> dict[str, dict[int, Any]] | None:

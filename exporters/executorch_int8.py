@@ -10,10 +10,17 @@ the same quality gate as the ONNX int8 path (``onnx_int8.py``).
    attention-score matmuls and residual adds stay float); the observers see every calibration input; ``convert_pt2e``
    folds them into quantize/dequantize pairs, which XNNPACK's partitioner fuses into its QC8 kernels;
 3. the caller lowers that program to XNNPACK exactly as fp32 (``executorch.lower``), writes the ``.pte``, and
-   :func:`gate` runs the saved program in ExecuTorch's runtime on the held-out inputs: the worst PSNR against the
-   fp32 PyTorch outputs must reach ``--min-psnr`` (default 30 dB), else :class:`CheckFailed` (exit 1, nothing
-   written). Unlike the ONNX path nothing is kept float to trade for PSNR (no ``--max-float-share``): below the
-   gate the export fails and says so.
+   :func:`gate_pte` runs the saved program in ExecuTorch's runtime on the held-out inputs: the worst PSNR against
+   the fp32 PyTorch outputs must reach ``--min-psnr`` (default 30 dB), else :class:`CheckFailed` (exit 1, nothing
+   written).
+
+Between 2 and 3, the keep-float fallback (:mod:`.executorch_keep`, the ONNX path's search): the model is converted
+with its weights still float behind quantize/dequantize pairs, and while its PT2E reference (the converted module,
+run in PyTorch) is below ``--min-psnr`` on the held-out inputs, U-Net units (the ONNX path's node groups) are
+scored quantized alone and kept float from the most sensitive on, bounded by ``--max-float-share`` (default 0.5 of
+the conv/linear/matmul/attention MACs; exit 1 naming the PSNR reached). Scoring uses that PyTorch reference, not
+lowered programs (a lowering takes minutes); only the final choice is folded to int8 weights, lowered and gated as
+a ``.pte``.
 
 Activation ranges: by default the quantizer's own ``HistogramObserver`` (the range minimising the L2 quantization
 error; recorded as ``histogram``), or ``--calib-method minmax`` (``MinMaxObserver``); ONNX Runtime's ``entropy`` and
@@ -36,24 +43,25 @@ from torch import nn
 from ..deploy.spec import ExportSpec, torch_inputs, wrap_unet
 from ..errors import CheckFailed, LaptopDeployError
 from .console import quiet
+from .executorch_keep import compute_macs, op_name, search, torch_psnr
 from .int8_calib import Captured, capture, read_prompts
 
 CALIB_METHODS = ("histogram", "minmax")
 QUANTIZER = ("XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel=True): symmetric per-channel "
              "int8 weights, per-tensor int8 activations; conv and linear only")
-_COMPUTE = ("linear", "matmul", "bmm", "mm")  # op names (besides conv* and scaled_dot_product_attention*)
-_FLOAT_ALWAYS = ("matmul", "bmm", "mm")  # the quantizer annotates conv and linear only of the nodes that carry the MACs
 
 
 @dataclass(frozen=True)
 class EtInt8Options:
     """``--calib-prompts`` (count or file), ``--calib-steps`` per loop, ``--calib-method`` (histogram | minmax),
-    the gate's ``--min-psnr`` (dB); ``given``: the int8 flags set on the command line."""
+    the gate's ``--min-psnr`` (dB) and ``--max-float-share`` (fraction of the MACs it may keep float);
+    ``given``: the int8 flags set on the command line."""
 
     calib_prompts: str = "4"
     calib_steps: int = 8
     calib_method: str = "histogram"
     min_psnr: float = 30.0
+    max_float_share: float = 0.5
     held_out: int = 1
     given: tuple[str, ...] = ()
 
@@ -66,9 +74,6 @@ class EtInt8Options:
             flags = ", ".join("--" + n.replace("_", "-") for n in given)
             raise LaptopDeployError(f"{flags}: only with --precision int8 "
                                     f"(got {getattr(args, 'precision', None) or 'the default precision'})")
-        if values.pop("max_float_share") is not None:
-            raise LaptopDeployError("--max-float-share: the executorch int8 path keeps nothing float to trade for "
-                                    "PSNR; it quantizes every conv/linear and fails below --min-psnr")
         return cls(**{n: v for n, v in values.items() if v is not None}, given=given)
 
     def check(self) -> None:
@@ -77,6 +82,8 @@ class EtInt8Options:
                                     f"--calib-method for the XNNPACK quantizer's own histogram observer")
         if self.calib_steps < 2:
             raise LaptopDeployError(f"--calib-steps {self.calib_steps}: need at least 2 denoising steps")
+        if not 0.0 <= self.max_float_share <= 1.0:
+            raise LaptopDeployError(f"--max-float-share {self.max_float_share}: must lie in [0, 1]")
         if not np.isfinite(self.min_psnr):
             raise LaptopDeployError(f"--min-psnr {self.min_psnr}: must be a finite number of dB")
         read_prompts(self.calib_prompts)
@@ -92,9 +99,11 @@ def capture_inputs(unet: nn.Module, spec: ExportSpec, *, source: dict[str, Any],
 
 
 def quantized_program(unet: nn.Module, spec: ExportSpec, data: Captured,
-                      options: EtInt8Options) -> tuple[Any, nn.Module]:
-    """Step 2: (the quantized ``ExportedProgram`` ready to lower, the converted module — PyTorch's reference of
-    the int8 arithmetic). torch.export and torchao raise many exception types: the caller wraps them."""
+                      options: EtInt8Options) -> tuple[Any, nn.Module, dict[str, Any]]:
+    """Step 2 and the keep-float search: (the quantized ``ExportedProgram`` ready to lower, the converted module —
+    PyTorch's reference of the int8 arithmetic —, the search's manifest record). Raises :class:`CheckFailed` when
+    no allowed float set reaches the gate; torch.export and torchao raise many exception types: the caller wraps
+    them."""
     wrapper = wrap_unet(unet, spec)
     args = torch_inputs(spec, spec.example_feeds(seed=0))
     with quiet("torchao", python_stderr=True), torch.no_grad():
@@ -109,8 +118,15 @@ def quantized_program(unet: nn.Module, spec: ExportSpec, data: Captured,
             prepared(*torch_inputs(spec, feeds))
     _say(f"int8: observers calibrated on {len(data.calibration)} inputs ({time.perf_counter() - started:.1f} s)")
     with quiet("torchao", python_stderr=True), torch.no_grad():
-        converted = convert_pt2e(prepared)
-        return torch.export.export(converted, args, strict=False), converted
+        converted = convert_pt2e(prepared, fold_quantize=False)  # float weights behind q/dq: any pair can go
+    del prepared
+    record = search(converted, spec, data, min_psnr=options.min_psnr, max_share=options.max_float_share)
+    with quiet("torchao", python_stderr=True), torch.no_grad():
+        from torchao.quantization.pt2e.constant_fold import constant_fold
+        from torchao.quantization.pt2e.quantize_pt2e import _quant_node_constraint
+
+        constant_fold(converted, _quant_node_constraint)  # int8 weights, as convert_pt2e(fold_quantize=True)
+        return torch.export.export(converted, args, strict=False), converted, record
 
 
 def make_quantizer(options: EtInt8Options) -> Any:
@@ -146,14 +162,8 @@ def compute_split(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
     ``{"quantized_nodes", "float_nodes", "quantized_macs", "float_macs", "float_mac_share", "float_ops"}``."""
     split = {"quantized_nodes": 0, "float_nodes": 0, "quantized_macs": 0, "float_macs": 0}
     float_ops: dict[str, int] = {}
-    for node in graph_module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if name not in _COMPUTE and not name.startswith(("conv", "_convolution", "scaled_dot_product_attention",
-                                                             "_scaled_dot_product")):
-            continue
-        macs = node_macs(node, name)
+    for node, macs in compute_macs(graph_module).items():
+        name = op_name(node)
         weight = node.args[1] if len(node.args) > 1 else None
         # a matmul or attention fed by dequantized activations still runs float
         quantized = name.startswith(("conv", "_convolution", "linear")) and \
@@ -166,27 +176,6 @@ def compute_split(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
     total = split["quantized_macs"] + split["float_macs"]
     return {**split, "float_mac_share": round(split["float_macs"] / total, 4) if total else None,
             "float_ops": float_ops}
-
-
-def node_macs(node: torch.fx.Node, name: str) -> int:
-    """Multiply-accumulates of one conv / linear / matmul / attention node from its fake-tensor shapes (0 if
-    unknown): output elements × the reduction length (conv: in-channels per group × kernel area; linear: in
-    features; matmul: K), attention 2·B·H·L·S·D (scores and their product with V; q [B, H, L, D], k [B, H, S,
-    D])."""
-    out = node.meta.get("val")
-    weight = node.args[1] if len(node.args) > 1 else None
-    w = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
-    if not isinstance(out, torch.Tensor) or not isinstance(w, torch.Tensor):
-        return 0
-    if "scaled_dot_product" in name:
-        return 2 * int(out.numel()) * int(w.shape[-2])  # out [B, H, L, D] x S keys, twice
-    if name.startswith(("conv", "_convolution")) and w.dim() >= 3:
-        reduction = int(np.prod(w.shape[1:]))  # [C_out, C_in / groups, kh, kw]
-    elif name == "linear":
-        reduction = int(w.shape[-1])  # [out_features, in_features]
-    else:
-        reduction = int(w.shape[-2])  # matmul / bmm: [.., K, N]
-    return int(out.numel()) * reduction
 
 
 def gate_pte(path: Path, spec: ExportSpec, data: Captured, *, options: EtInt8Options,
@@ -204,11 +193,8 @@ def gate_pte(path: Path, spec: ExportSpec, data: Captured, *, options: EtInt8Opt
             psnr = min(output_metrics(expected[name], out[name]).psnr_db for name in expected)
             row = {"psnr_db": round(float(psnr), 2)}
             if reference is not None:
-                with torch.no_grad():
-                    value = reference(*torch_inputs(spec, feeds))
-                value = value[0] if isinstance(value, (tuple, list)) else value
-                ref_psnr = output_metrics(next(iter(expected.values())), value.numpy()).psnr_db
-                row["pt2e_reference_psnr_db"] = round(float(ref_psnr), 2)
+                ref_psnr = torch_psnr(reference, spec, [(feeds, expected)])[0]
+                row["pt2e_reference_psnr_db"] = round(ref_psnr, 2)
                 worst_ref = min(worst_ref, ref_psnr)
             rows.append(row)
             worst = min(worst, psnr)
@@ -219,7 +205,7 @@ def gate_pte(path: Path, spec: ExportSpec, data: Captured, *, options: EtInt8Opt
     _say(f"int8: held-out PSNR of the .pte vs fp32 {worst:.2f} dB (gate {options.min_psnr:g} dB)")
     if not worst >= options.min_psnr:  # NaN fails too
         raise CheckFailed(f"int8 gate: held-out PSNR of the .pte {worst:.2f} dB < --min-psnr {options.min_psnr:g} dB "
-                          f"(every conv/linear int8; the executorch int8 path keeps nothing float)")
+                          f"(the keep-float search's PyTorch reference passed; XNNPACK's int8 kernels lost the rest)")
     return record
 
 
