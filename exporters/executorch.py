@@ -16,8 +16,9 @@ Steps (into the caller's temporary folder; ``laptop-deploy export`` moves it int
 3. ``to_executorch()`` → ``model.pte``, then the saved file is loaded in ExecuTorch's runtime
    (:class:`~laptop_deploy.runtimes.executorch.ExecuTorchRunner`) and compared with the eager U-Net on seeded inputs
    other than the export's (timesteps included; a dynamic program also at batch 2 and another latent size), judged
-   by the calibrated gate (``deploy.noise_floor``, with :data:`PTE_FACTORS`: ExecuTorch's kernels sum long reductions
-   sequentially, so their error grows with the model's size): the
+   by the calibrated gate (``deploy.noise_floor``, with ``Gate.for_artifact``'s factors — the ones ``verify`` uses
+   for a ``.pte``: ExecuTorch's kernels sum long reductions sequentially, so the factor grows as the square root of
+   the U-Net's longest conv/linear reduction): the
    ``.pte``'s error against a float64 copy of the U-Net within a factor of eager fp32's own. A mismatch fails the
    export (exit 1) and nothing is written.
 
@@ -58,13 +59,9 @@ DEFAULT_PRECISION = "fp32"
 # op types (get_delegation_info's names, suffixes stripped) that carry the U-Net's MACs
 COMPUTE_OPS = re.compile(r"^aten_(convolution|mm|addmm|bmm|linear|matmul)(_|$)")
 NOT_KERNELS = {"getitem"}  # tuple indexing in the graph, not an operator that runs
-# The export's own .pte check (rel L2, max abs factors of the torch fp32 noise floor). ExecuTorch's kernels sum
-# long reductions sequentially in float32 where PyTorch sums pairwise/blocked, so their error grows with the
-# reduction length: measured alone at SD-1.5 sizes (benchmarks/results/executorch_sd15_student.json) the portable
-# group norm (32 groups of 320 channels x 64x64) is 47-73x the floor and XNNPACK's 3x3 conv over 1280 channels 7x,
-# and the full-size random:sd15 50% student's .pte 8.65x (rel L2) / 8.5x (max abs) end to end, where the tiny
-# models measure 1.96-2.39x. The check guards the lowering (it compares with the module it was given: a wrong
-# model is verify's to catch); 16x / 32x is twice the full-size measurement.
+# Flat (rel L2, max abs) factors for a .pte check without the U-Net's shapes at hand: kept for the app bundles'
+# per-part check (deploy/bundle_executorch.py). The export's own check and `verify` size the factor to the model
+# (deploy/noise_floor.py: Gate.for_artifact / sequential_factors; 4.8x for the toy, 21.4x for full-size SD-1.5).
 PTE_FACTORS = (16.0, 32.0)
 
 
@@ -277,9 +274,10 @@ def summarize_ops(ops: dict[str, list[int]], *, subgraphs: int) -> dict[str, Any
 def pte_parity(path: Path, unet: nn.Module, spec: ExportSpec, *, seed: int = 1) -> list[dict[str, Any]]:
     """The saved program in ExecuTorch's runtime vs the eager U-Net (diffusers' own call) on seeded inputs other
     than the export's: random timesteps, and for a dynamic program also batch 2 at another latent size. Judged by
-    the calibrated gate with :data:`PTE_FACTORS` (the ``.pte``'s error against a float64 copy of the U-Net
-    within a factor of eager fp32's own) plus non-finite checks. Raises :class:`CheckFailed` on a mismatch;
-    returns one metrics dict per case (errors against eager fp32, and the gate's floor and factors)."""
+    the calibrated gate with ``Gate.for_artifact``'s factors for this U-Net, as ``verify`` (the ``.pte``'s error
+    against a float64 copy of the U-Net within a factor of eager fp32's own) plus non-finite checks. Raises
+    :class:`CheckFailed` on a mismatch; returns one metrics dict per case (errors against eager fp32, and the gate's
+    floor and factors)."""
     from ..runtimes.executorch import ExecuTorchRunner
 
     cases = [("seeded", spec.example_feeds(seed=seed))]
@@ -290,7 +288,7 @@ def pte_parity(path: Path, unet: nn.Module, spec: ExportSpec, *, seed: int = 1) 
     rows, failures = [], []
     wrapper = wrap_unet(unet, spec)
     exact = wrap_unet(copy_as(unet, torch.float64), spec)  # the exact function the noise floor is measured from
-    gate = Gate(*PTE_FACTORS)
+    gate = Gate.for_artifact("fp32", target="executorch", unet=unet)  # verify's factor for this U-Net
     with ExecuTorchRunner(path, spec=spec) as runner:
         for name, feeds in cases:
             batch = feeds["sample"].shape[0]

@@ -26,6 +26,7 @@ pytest.importorskip("executorch", reason="the ExecuTorch target needs the [execu
 from deploy_fixtures import STUDENT_REMOVALS, assert_exit_2, torch_threads
 from laptop_deploy.cli.main import main
 from laptop_deploy.deploy.manifest import read_manifest
+from laptop_deploy.deploy.noise_floor import Gate
 from laptop_deploy.deploy.spec import build_spec, torch_inputs
 from laptop_deploy.exporters import executorch as et
 from laptop_deploy.models.sources import resolve_model
@@ -236,7 +237,8 @@ def test_verify_fails_a_pte_with_one_weight_off_by_one_percent(tmp_path_factory)
     assert code == 0 and all(row["factor_rel_l2"] <= row["max_factor"] for row in exported["export"]["pte_parity"])
     code, verified = _cli(["verify", str(good), "--model", model, "--steps", "3"])
     assert code == 0 and verified["passed"] and verified["gate"]["enforced"], verified["failures"]
-    assert verified["gate"]["factor_rel_l2"] <= verified["gate"]["rel_l2_factor"] == 4.0
+    toy_factor = Gate.for_artifact("fp32", target="executorch", unet=resolve_model(model, materialize=False).unet)
+    assert verified["gate"]["factor_rel_l2"] <= verified["gate"]["rel_l2_factor"] == toy_factor.rel_l2_factor < 6.6
 
     source = resolve_model(model)
     param = next(name for name, _ in source.unet.named_parameters() if name.endswith("attn1.to_q.weight"))

@@ -5,6 +5,7 @@ latent size) before anything expensive runs; ``result["exit_code"] = 1`` marks a
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,12 @@ def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     runner_class(args.runtime or DEFAULT_RUNTIME.get(manifest.target, "ort"))  # missing runtime: exit 2 now
     if args.steps < 2:
         raise LaptopDeployError(f"--steps {args.steps}: need at least 2 denoising steps")
-    tolerances, gate = parity_rules(manifest.precision, max_rel_l2=args.max_rel_l2, min_psnr_db=args.min_psnr,
-                                    atol=getattr(args, "atol", None), rtol=getattr(args, "rtol", None),
-                                    factor=getattr(args, "factor", None))
+    rules = functools.partial(parity_rules, manifest.precision, max_rel_l2=args.max_rel_l2, min_psnr_db=args.min_psnr,
+                              atol=getattr(args, "atol", None), rtol=getattr(args, "rtol", None),
+                              factor=getattr(args, "factor", None))
+    rules()  # a bad --factor: exit 2 before the model loads
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
+    tolerances, gate = rules(target=manifest.target, unet=source.unet)  # .pte: the factor depends on the U-Net
     result = verify_artifact(args.dir, source, runtime=args.runtime, steps=args.steps, seed=args.seed,
                              tolerances=tolerances, gate=gate, manifest=manifest, **_runner_options(args))
     data = result.as_dict()

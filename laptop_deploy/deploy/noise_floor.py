@@ -13,6 +13,9 @@ threshold cannot do this: fp32 noise is ~1e-6 on one U-Net and ~1e-5 on another,
 ``benchmarks/results/parity_mutations.md`` (``python benchmarks/parity_mutations.py``): the worst correct export
 over the suite's models, targets and precisions, times a margin; every mutation there lands far above them.
 
+ExecuTorch artifacts get a factor that grows with the model (:func:`sequential_factors`): their kernels sum long
+reductions sequentially, so a correct ``.pte``'s error grows with the U-Net's longest reduction.
+
 Cost: one float64 copy of the U-Net (2× its fp32 bytes) and its forward on each case and along the loop, which on
 CPU takes ~1.5-3× an fp32 forward; fp16 artifacts add a PyTorch fp16 copy and its forwards.
 """
@@ -39,6 +42,18 @@ REL_L2_FACTOR, MAX_ABS_FACTOR = FACTORS["fp32"]
 # inputs, measured at exactly 1.00x the floor on every model, so half the fp32 factor (a 1% change of the toy's
 # up-block conv weight reaches only 3.8x on the trace check's single input).
 TRACED_FACTORS = (2.0, 4.0)
+# ExecuTorch (.pte): XNNPACK's convolutions and linears sum their C_in/groups·kh·kw (in_features) products in order
+# in float32 where PyTorch's CPU kernels sum pairwise/blocked, so a correct .pte's error grows with the longest
+# reduction L — like √L, as a random walk of L roundings does (per op, benchmarks/results/executorch_op_error.json:
+# a 3x3 conv over 320 channels 4.1x the floor, over 1280 channels 7x: √4 = 2, 7/4.1 = 1.7). End to end, factor / √L
+# measured: toy 2.39 / √1152 = 0.070, tiny-sd15 1.96 / √2304 = 0.041 (benchmarks/results/parity_mutations.json), the
+# full-size random:sd15 50% student 8.65 / √17280 = 0.066 (executorch_sd15_student.json). The group norms' longer
+# reductions (C/G·H·W, 122,880 at SD-1.5's 64x64) are left out of L: with them the same three points spread 0.025 to
+# 0.070 instead. The gate: twice the largest measured constant times √L, never below the fp32 factors (toy 4.8x,
+# tiny presets 6.8x, full-size SD-1.5 21.4x; the toy's up-block conv x1.01 mutant measures 6.6x).
+SEQUENTIAL_TARGETS = ("executorch",)
+SEQUENTIAL_ERROR_PER_SQRT_L = 0.0704
+SEQUENTIAL_MARGIN = 2.0
 # fp32 unit roundoff: a measured floor below the rounding of the output itself is not a floor (it happens when
 # reference and exact agree to the last bit on a tiny output); the bound never goes below this.
 MIN_REL_L2_FLOOR = 2.0**-24
@@ -58,6 +73,33 @@ class Gate:
         """The measured factors for an artifact of ``precision`` (its floor's: fp16, else fp32)."""
         rel, max_abs = FACTORS[floor_precision(precision)]
         return cls(rel_l2_factor=rel, max_abs_factor=max_abs)
+
+    @classmethod
+    def for_artifact(cls, precision: str, *, target: str | None = None, unet: nn.Module | None = None) -> Gate:
+        """:meth:`for_precision`, except for a fp32-floored artifact of a target in :data:`SEQUENTIAL_TARGETS`
+        with its ``unet`` known: :func:`sequential_factors` of the U-Net's :func:`longest_reduction`."""
+        if target in SEQUENTIAL_TARGETS and unet is not None and floor_precision(precision) == "fp32":
+            return cls(*sequential_factors(longest_reduction(unet)))
+        return cls.for_precision(precision)
+
+
+def longest_reduction(unet: nn.Module) -> int:
+    """The longest multiply-accumulate reduction of ``unet``'s convolutions (C_in / groups · kh · kw) and linears
+    (in_features), in terms; from module shapes alone (a meta-device model works: no weights, no forward)."""
+    longest = 1
+    for module in unet.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            longest = max(longest, module.in_channels // module.groups * math.prod(module.kernel_size))
+        elif isinstance(module, nn.Linear):
+            longest = max(longest, module.in_features)
+    return longest
+
+
+def sequential_factors(reduction: int) -> tuple[float, float]:
+    """(relative L2, max abs) factors of the floor for an artifact whose kernels sum ``reduction`` terms in order:
+    ``max(4, 2 × 0.0704 × √reduction)`` and twice that for max abs (the fp32 ratio 8 / 4)."""
+    rel = max(FACTORS["fp32"][0], SEQUENTIAL_MARGIN * SEQUENTIAL_ERROR_PER_SQRT_L * math.sqrt(reduction))
+    return rel, rel * FACTORS["fp32"][1] / FACTORS["fp32"][0]
 
 
 @dataclass

@@ -162,16 +162,17 @@ def compare(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray], *,
 
 
 def parity_rules(precision: str, *, max_rel_l2: float | None = None, min_psnr_db: float | None = None,
-                 atol: float | None = None, rtol: float | None = None,
-                 factor: float | None = None) -> tuple[Tolerances | None, Gate]:
+                 atol: float | None = None, rtol: float | None = None, factor: float | None = None,
+                 target: str | None = None, unet: Any = None) -> tuple[Tolerances | None, Gate]:
     """What ``verify`` judges an artifact of ``precision`` by: the calibrated gate (``factor`` overrides its
-    relative-L2 factor), unless any fixed threshold is given — then exactly those judge, and the gate is still
-    measured and reported."""
+    relative-L2 factor; with the artifact's ``target`` and ``unet``, ExecuTorch's size-aware factors:
+    :meth:`.noise_floor.Gate.for_artifact`), unless any fixed threshold is given — then exactly those judge, and
+    the gate is still measured and reported."""
     from ..errors import LaptopDeployError
 
     if factor is not None and not factor > 0:
         raise LaptopDeployError(f"--factor {factor}: must be > 0 (the allowed multiple of the noise floor)")
-    gate = Gate.for_precision(precision)
+    gate = Gate.for_artifact(precision, target=target, unet=unet)
     gate = gate if factor is None else replace(gate, rel_l2_factor=factor)
     if precision in INT8_PRECISIONS and all(v is None for v in (max_rel_l2, min_psnr_db, atol, rtol)):
         return Tolerances.for_precision(precision), replace(gate, enforced=False)  # int8: see INT8_MIN_PSNR_DB
@@ -381,6 +382,7 @@ def verify_artifact(folder: Path, source: Any, *, runtime: str | None = None, st
         raise ArtifactError(f"model '{source.spec}' ({actual[:19]}…) is not the model {folder} was exported "
                             f"from ('{manifest.source.get('spec')}', {expected[:19]}…)")
     candidate = open_artifact(folder, manifest=manifest, runtime=runtime, **runner_options)
+    gate = gate or Gate.for_artifact(manifest.precision, target=manifest.target, unet=source.unet)
     fp32 = manifest.spec.with_precision("fp32")
     with contextlib.ExitStack() as stack:
         reference = stack.enter_context(TorchRunner(source.unet, spec=fp32))
