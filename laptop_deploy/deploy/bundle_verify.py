@@ -102,25 +102,29 @@ def verify_parts(folder: Path, manifest: BundleManifest, sources: Any,
         names = [o["name"] for o in part["outputs"]]
         out = runtime.run(name, {key: value.numpy() for key, value in feeds.items()})
         runtime.free(name)
-        results[name] = judge_part(name, part["precision"], module, feeds, names, out, overrides)
+        results[name] = judge_part(name, part["precision"], module, feeds, names, out, overrides,
+                                   target=manifest.target)
     return results
 
 
 def judge_part(name: str, precision: str, module: torch.nn.Module, feeds: dict[str, torch.Tensor],
-               names: list[str], out: dict[str, np.ndarray], overrides: PartOverrides) -> dict[str, Any]:
+               names: list[str], out: dict[str, np.ndarray], overrides: PartOverrides, *,
+               target: str | None = None) -> dict[str, Any]:
     """One part: its runtime's outputs ``out`` against ``module`` (fp32), a float64 copy (the exact function) and the
     floor reference, by :func:`.verify.parity_rules`. Returns the JSON summary (``failures`` include the gate's)."""
+    from .fp16_floor import floor_label, fp16_floor_context
     from .verify import Tolerances, compare, parity_rules
 
     tolerances, gate = parity_rules(precision, max_rel_l2=overrides.max_rel_l2, atol=overrides.atol,
-                                    rtol=overrides.rtol, factor=overrides.factor)
+                                    rtol=overrides.rtol, factor=overrides.factor, target=target, unet=module)
     ref = _run_part(module, feeds, torch.float32, names)
     exact = _run_part(copy_as(module, torch.float64), feeds, torch.float64, names)
     floor, reference, note = ref, "torch fp32", None
     if floor_precision(precision) == "fp16":
-        reference = "torch fp16"
+        reference = floor_label(module)
         try:
-            floor = _run_part(copy_as(module, torch.float16), feeds, torch.float16, names)
+            with fp16_floor_context(module):  # full-size parts: fp32 accumulation (PyTorch's CPU fp16: hours)
+                floor = _run_part(copy_as(module, torch.float16), feeds, torch.float16, names)
         except (RuntimeError, NotImplementedError) as exc:  # an op without a CPU fp16 kernel
             floor, note = None, f"PyTorch fp16 cannot run {name} on CPU ({str(exc).splitlines()[0][:120]})"
     if floor is None:  # no fp16 floor for this part: fixed thresholds (the given ones, else its precision's)

@@ -343,7 +343,7 @@ def run_parity(reference: Any, candidate: Any, *, source: Any, steps: int = DEFA
 
     ref_final = loop(reference, lambda i, case: captured.append(case) if i in keep else None)
     report, rows = ParityReport(), []
-    floor_name = f"torch {floor_precision(spec.precision)}" if floor is not None else "torch fp32"
+    floor_name = getattr(floor, "floor_name", "torch fp16") if floor is not None else "torch fp32"
     for case in captured + random_cases(ref_spec, seed=seed):
         expected = case.reference if case.reference is not None else reference.infer(case.feeds)
         out = {k: v.astype(np.float32) for k, v in candidate.infer(spec.cast_feeds(case.feeds)).items()}
@@ -374,6 +374,7 @@ def verify_artifact(folder: Path, source: Any, *, runtime: str | None = None, st
     from .manifest import ArtifactError, check_integrity, model_hash, record_result
     from ..runtimes import open_artifact
     from ..runtimes.pytorch import TorchRunner
+    from .fp16_floor import Fp16FloorRunner
 
     manifest = manifest or check_integrity(folder, skip_digest=skip_digest)
     expected = manifest.source.get("sha256")
@@ -390,7 +391,7 @@ def verify_artifact(folder: Path, source: Any, *, runtime: str | None = None, st
         exact = stack.enter_context(TorchRunner(copy_as(source.unet, torch.float64), spec=fp32,
                                                 dtype=torch.float64))
         floor = None if floor_precision(manifest.precision) == "fp32" else stack.enter_context(
-            TorchRunner(copy_as(source.unet, torch.float16), spec=fp32, dtype=torch.float16))
+            Fp16FloorRunner(copy_as(source.unet, torch.float16), spec=fp32))  # full size: fp32-accumulated
         result = run_parity(reference, stack.enter_context(candidate), source=source, steps=steps, seed=seed,
                             tolerances=tolerances, gate=gate, exact=exact, floor=floor)
     if record:
