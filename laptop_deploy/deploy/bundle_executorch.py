@@ -17,7 +17,8 @@ Each part: ``torch.export`` of the ONNX bundle's wrapper (:mod:`.bundle_parts`; 
 :func:`~.spec.wrap_unet`) at batch 2 → ``to_edge_transform_and_lower`` with XNNPACK → ``model.pte`` (the
 single-target exporter's steps, :mod:`laptop_deploy.exporters.executorch`), then the saved program, loaded in
 ExecuTorch's runtime, against the eager wrapper at batch 1 and 2 on other seeded inputs, judged by the calibrated gate
-(:func:`.bundle_parts.module_check`) at the exporter's ``.pte`` factors. A mismatch fails the export (exit 1) and
+(:func:`.bundle_parts.module_check`) at ``verify``'s ExecuTorch factors for the part
+(:func:`~.noise_floor.sequential_factors` of its longest reduction). A mismatch fails the export (exit 1) and
 nothing is written. fp32 only: the int8 ``.pte`` is gated per U-Net export (``--target executorch --precision int8``).
 """
 
@@ -103,10 +104,11 @@ def export_pte_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, o
 def check_pte(path: Path, wrapper: nn.Module, spec: ExportSpec, *, case: str) -> list[dict[str, Any]]:
     """The saved program in ExecuTorch's runtime against ``wrapper`` at batch 1 and :data:`MAX_BATCH` on seeded
     inputs other than the export's; raises :class:`~laptop_deploy.errors.CheckFailed` (exit 1) on a mismatch."""
-    from ..exporters.executorch import PTE_FACTORS
     from ..runtimes.executorch import ExecuTorchRunner
+    from .noise_floor import longest_reduction, sequential_factors
 
     entry = spec.as_dict()
+    factors = sequential_factors(longest_reduction(wrapper))  # verify's ExecuTorch factors for this part
     rows = []
     with ExecuTorchRunner(path, spec=spec) as runner:
         def run(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -117,7 +119,7 @@ def check_pte(path: Path, wrapper: nn.Module, spec: ExportSpec, *, case: str) ->
             feeds = part_feeds(entry, {"batch": batch}, torch.Generator().manual_seed(batch))
             rows.append({"batch": batch, **module_check(
                 run, wrapper, lambda module, *a: as_tuple(module(*a)), tuple(feeds.values()), spec.output_names,
-                case=f"{case} .pte vs PyTorch (batch {batch})", gate=PTE_FACTORS)})
+                case=f"{case} .pte vs PyTorch (batch {batch})", gate=factors)})
     return rows
 
 
