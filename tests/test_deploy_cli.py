@@ -141,3 +141,14 @@ def test_verify_text_and_tolerance_override(capsys, artifact):
     code, out, _ = run(capsys, "verify", str(artifact), "--model", "random:tiny-sd15", "--steps", "2",
                        "--max-rel-l2", "0", "--json")
     assert code == 1 and json.loads(out)["tolerances"]["max_rel_l2"] == 0.0
+
+
+def test_verify_stage_lines_once_the_verb_runs_long(capsys):
+    """verify's stage lines reach stderr on a terminal or after quiet_s; a quick run's stderr stays empty."""
+    from laptop_deploy.cli.deploy_commands import _stage_printer
+
+    quiet, loud = _stage_printer("verify"), _stage_printer("verify", quiet_s=0)
+    quiet("case 1/3: random")
+    assert capsys.readouterr().err == ""
+    loud("case 1/3: random")
+    assert capsys.readouterr().err.startswith("verify: case 1/3: random (0 s)")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,19 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return result, text
 
 
+def _stage_printer(verb: str, *, quiet_s: float = 60.0) -> Callable[[str], None]:
+    """One stderr line per stage with the seconds since the first — on a terminal, or once the verb has run
+    ``quiet_s`` (a full-size verify takes many minutes; a tiny one's log stays clean)."""
+    start = time.perf_counter()
+
+    def stage(text: str) -> None:
+        elapsed = time.perf_counter() - start
+        if elapsed >= quiet_s or sys.stderr.isatty():
+            print(f"{verb}: {text} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+
+    return stage
+
+
 def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if getattr(args, "provider", None):
@@ -108,7 +124,8 @@ def verify(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     source = resolve_model(args.model, seed=args.seed, allow_pickle=args.allow_pickle)
     tolerances, gate = rules(target=manifest.target, unet=source.unet)  # .pte: the factor depends on the U-Net
     result = verify_artifact(args.dir, source, runtime=args.runtime, steps=args.steps, seed=args.seed,
-                             tolerances=tolerances, gate=gate, manifest=manifest, **_runner_options(args))
+                             tolerances=tolerances, gate=gate, manifest=manifest, stage=_stage_printer("verify"),
+                             **_runner_options(args))
     data = result.as_dict()
     data["providers"] = data["runner"].get("providers")  # what ran, not what was asked for (None: not ORT)
     if not result.passed:

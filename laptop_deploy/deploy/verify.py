@@ -319,7 +319,7 @@ class VerifyResult:
 
 def run_parity(reference: Any, candidate: Any, *, source: Any, steps: int = DEFAULT_STEPS, seed: int = 0,
                tolerances: Tolerances | None = None, gate: Gate | None = None, exact: Any = None,
-               floor: Any = None) -> VerifyResult:
+               floor: Any = None, stage: Callable[[str], None] | None = None) -> VerifyResult:
     """Parity of ``candidate`` (an entered artifact Runner) against ``reference`` (an entered fp32 TorchRunner).
 
     With ``exact`` (an entered float64 TorchRunner of the same U-Net) the calibrated ``gate`` is measured too: the
@@ -327,8 +327,10 @@ def run_parity(reference: Any, candidate: Any, *, source: Any, steps: int = DEFA
     reference is ``floor`` (an entered PyTorch fp16 runner, for fp16 artifacts) or else ``reference`` itself.
     ``tolerances`` defaults to non-finite checks only when the gate is enforced, else to the precision's fixed
     thresholds. The reference sees float32 inputs throughout; the candidate gets them cast to its spec's dtypes.
+    ``stage(text)`` hears of each pass as it starts (the CLI prints them: a full-size verify takes many minutes).
     """
     start = time.perf_counter()
+    stage = stage or (lambda text: None)
     spec, ref_spec = candidate.spec, reference.spec
     gate = (gate or Gate.for_precision(spec.precision)) if exact is not None else None
     if tolerances is None:
@@ -341,10 +343,13 @@ def run_parity(reference: Any, candidate: Any, *, source: Any, steps: int = DEFA
         return denoise(runner, runner.spec, scheduler=make_scheduler(source), cond=cond, steps=steps, seed=seed,
                        record=record)
 
+    stage(f"PyTorch fp32 loop, {steps} steps")
     ref_final = loop(reference, lambda i, case: captured.append(case) if i in keep else None)
     report, rows = ParityReport(), []
     floor_name = getattr(floor, "floor_name", "torch fp16") if floor is not None else "torch fp32"
-    for case in captured + random_cases(ref_spec, seed=seed):
+    cases = captured + random_cases(ref_spec, seed=seed)
+    for index, case in enumerate(cases, 1):
+        stage(f"case {index}/{len(cases)}: {case.name}")
         expected = case.reference if case.reference is not None else reference.infer(case.feeds)
         out = {k: v.astype(np.float32) for k, v in candidate.infer(spec.cast_feeds(case.feeds)).items()}
         report.extend(compare(expected, out, tolerances=tolerances, case=case.name))
@@ -352,10 +357,12 @@ def run_parity(reference: Any, candidate: Any, *, source: Any, steps: int = DEFA
             noisy = expected if floor is None else floor.infer(case.feeds)
             rows += judge_against_floor(exact.infer(case.feeds), noisy, out, gate=gate, case=case.name,
                                         reference=floor_name)
+    stage(f"artifact loop, {steps} steps")
     out_final = loop(candidate)
     e2e = compare({"latents": ref_final}, {"latents": out_final},
                   tolerances=Tolerances(max_rel_l2=None, min_psnr_db=tolerances.min_psnr_db), case="end-to-end")
     if gate is not None:
+        stage(f"float64{'' if floor is None else ' and ' + floor_name} loops, {steps} steps")
         noisy_final = ref_final if floor is None else loop(floor)
         rows += judge_against_floor({"latents": loop(exact)}, {"latents": noisy_final}, {"latents": out_final},
                                     gate=gate, case="end-to-end", reference=floor_name)
@@ -366,6 +373,7 @@ def run_parity(reference: Any, candidate: Any, *, source: Any, steps: int = DEFA
 def verify_artifact(folder: Path, source: Any, *, runtime: str | None = None, steps: int = DEFAULT_STEPS,
                     seed: int = 0, tolerances: Tolerances | None = None, record: bool = True,
                     manifest: Any = None, skip_digest: bool = False, gate: Gate | None = None,
+                    stage: Callable[[str], None] | None = None,
                     **runner_options: Any) -> VerifyResult:
     """Verify the artifact in ``folder`` against ``source`` (a resolved ModelSource, weights loaded) and, with
     ``record``, store the summary under ``results.parity`` in its manifest. ``runner_options`` go to the
@@ -393,7 +401,7 @@ def verify_artifact(folder: Path, source: Any, *, runtime: str | None = None, st
         floor = None if floor_precision(manifest.precision) == "fp32" else stack.enter_context(
             Fp16FloorRunner(copy_as(source.unet, torch.float16), spec=fp32))  # full size: fp32-accumulated
         result = run_parity(reference, stack.enter_context(candidate), source=source, steps=steps, seed=seed,
-                            tolerances=tolerances, gate=gate, exact=exact, floor=floor)
+                            tolerances=tolerances, gate=gate, exact=exact, floor=floor, stage=stage)
     if record:
         summary = {k: v for k, v in result.as_dict().items() if k != "cases"}
         record_result(folder, "parity", {**summary, "seed": seed})
