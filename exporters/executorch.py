@@ -59,10 +59,6 @@ DEFAULT_PRECISION = "fp32"
 # op types (get_delegation_info's names, suffixes stripped) that carry the U-Net's MACs
 COMPUTE_OPS = re.compile(r"^aten_(convolution|mm|addmm|bmm|linear|matmul)(_|$)")
 NOT_KERNELS = {"getitem"}  # tuple indexing in the graph, not an operator that runs
-# Flat (rel L2, max abs) factors for a .pte check without the U-Net's shapes at hand: kept for the app bundles'
-# per-part check (deploy/bundle_executorch.py). The export's own check and `verify` size the factor to the model
-# (deploy/noise_floor.py: Gate.for_artifact / sequential_factors; 4.8x for the toy, 21.4x for full-size SD-1.5).
-PTE_FACTORS = (16.0, 32.0)
 
 
 class ExecuTorchExportError(LaptopDeployError):
