@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from laptop_deploy.deploy.fp16_floor import Fp16ViaFp32
@@ -11,15 +12,17 @@ from laptop_deploy.deploy.spec import build_spec, torch_inputs, wrap_unet
 from laptop_deploy.models.sources import resolve_model
 
 
-def test_fp16_ops_are_computed_in_fp32_and_rounded_to_fp16():
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])  # ops decomposed or whole
+def test_fp16_ops_are_computed_in_fp32_and_rounded_to_fp16(grad_mode):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 6, 6, generator=generator).half()
     conv = torch.nn.Conv2d(8, 4, 3, padding=1).half()
     linear = torch.nn.Linear(8, 5).half()
     tokens = torch.randn(2, 3, 8, generator=generator).half()
-    with torch.no_grad():
-        with Fp16ViaFp32():
+    with grad_mode():
+        with Fp16ViaFp32() as mode:
             got_conv, got_linear, got_bmm = conv(x), linear(tokens), torch.bmm(tokens, tokens.transpose(1, 2))
+        assert mode.upcasts == 3  # each op took the fp32 path (equal numbers alone could be fp16's own kernels)
         want_conv = torch.nn.functional.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1).half()
         want_linear = (tokens.float() @ linear.weight.float().T + linear.bias.float()).half()
         want_bmm = torch.bmm(tokens.float(), tokens.float().transpose(1, 2)).half()

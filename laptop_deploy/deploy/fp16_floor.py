@@ -6,9 +6,8 @@ fp16 convolutions and matrix products have no fast kernels: measured here, a 3×
 2.4 s), so one fp16 forward of a full-size SD-1.5 U-Net takes hours and ``verify`` of a full-size fp16 export never
 finished (``benchmarks/results/sd15_gate_fp16.json``).
 
-:class:`Fp16ViaFp32` computes those ops — ``aten.convolution``, ``mm``, ``bmm``, ``addmm``, ``baddbmm`` on float16
-tensors — in float32 on the same fp16 inputs and weights and rounds the result to float16: what the fp16 kernels
-compute (PyTorch accumulates fp16 products in float, ``acc_type<Half>``; cuDNN/cuBLAS fp16 default to fp32
+:class:`Fp16ViaFp32` computes those ops — convolutions, linears and matrix products on float16 tensors — in
+float32 on the same fp16 inputs and weights and rounds the result to float16: what the fp16 kernels compute (PyTorch accumulates fp16 products in float, ``acc_type<Half>``; cuDNN/cuBLAS fp16 default to fp32
 accumulation too), up to the order of the sums. Every other op (norms, softmax, attention, activations) still runs
 in fp16. Measured against PyTorch's own fp16 run (``tests/test_fp16_floor.py``, seeded inputs, distance to
 float64): toy 0.67e-3 vs 0.59e-3, tiny-sd15 1.55e-3 vs 1.61e-3, tiny-sdxl 1.98e-3 vs 1.81e-3 — two realizations of
@@ -37,7 +36,10 @@ from ..runtimes.pytorch import TorchRunner
 
 EMULATE_ABOVE_PARAMS = 100_000_000  # tiny presets and the toy: < 10M; SD-1.5's U-Net 860M, a 50% student ~430M
 _aten = torch.ops.aten
-UPCAST_OPS = frozenset({_aten.convolution.default, _aten.mm.default, _aten.bmm.default, _aten.addmm.default,
+# the ops as a dispatch mode sees them: decomposed under no_grad (convolution, mm, addmm, bmm...), whole under
+# inference_mode (conv2d, linear, matmul: TorchRunner's calls)
+UPCAST_OPS = frozenset({_aten.convolution.default, _aten.conv1d.default, _aten.conv2d.default, _aten.linear.default,
+                        _aten.matmul.default, _aten.mm.default, _aten.bmm.default, _aten.addmm.default,
                         _aten.baddbmm.default})
 
 
@@ -46,12 +48,16 @@ def _up(value: Any) -> Any:
 
 
 class Fp16ViaFp32(TorchDispatchMode):
-    """While entered: fp16 convolutions and matrix products computed in float32, their results rounded to fp16."""
+    """While entered: fp16 convolutions and matrix products computed in float32, their results rounded to fp16;
+    ``upcasts`` counts them."""
+
+    upcasts = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - TorchDispatchMode's protocol
         kwargs = kwargs or {}
         if func in UPCAST_OPS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float16 for a in args):
             args, kwargs = tree_map(_up, (args, kwargs))
+            self.upcasts += 1
             return func(*args, **kwargs).to(torch.float16)
         return func(*args, **kwargs)
 
