@@ -13,7 +13,8 @@
     tokenizer/, tokenizer_2/         tokenizer.json (the `tokenizers` library reads it) + transformers' files
     scheduler/scheduler_config.json  the source's scheduler config, unchanged
 
-ORT Mobile bundles have ``model.ort`` in place of ``model.onnx``. Every part folder also holds the part's own
+ORT Mobile bundles have ``model.ort`` in place of ``model.onnx``, ExecuTorch bundles ``model.pte`` (and no
+``model_index.json``: :mod:`.bundle_executorch`). Every part folder also holds the part's own
 ``manifest.json`` (the single-artifact format of :mod:`laptop_deploy.deploy.manifest`). Core ML bundles
 (:mod:`.bundle_coreml`) use Apple's Resources names instead (``TextEncoder.mlpackage``, ``Unet.mlpackage`` or
 ``UnetChunk1/2.mlpackage``, ``VAEDecoder.mlpackage``, ``vocab.json``, ``merges.txt``…): a part's ``model_file`` is
