@@ -207,13 +207,18 @@ def export_program(unet: nn.Module, spec: ExportSpec, options: ExecuTorchOptions
     # a dynamic batch traced at 1 would be specialized to 1 (torch.export's 0/1 rule): trace at 2, as the ONNX
     # exporter does
     example = spec.example_feeds(batch=max(spec.batch, 2) if spec.dynamic else None, seed=0)
-    args = torch_inputs(spec, example)
+    return export_module(wrapper, torch_inputs(spec, example), dynamic_shapes(spec, options))
+
+
+def export_module(module: nn.Module, args: tuple[Any, ...], shapes: Any = None, *, what: str = "") -> Any:
+    """``torch.export.export(module, args, dynamic_shapes=shapes)`` (non-strict, no grad, quiet); its failures as
+    one :class:`ExecuTorchExportError` line (``what`` names the part). Also the app bundles' parts' export."""
     try:
         with quiet("torch.export", python_stderr=True), torch.no_grad():
-            return torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(spec, options), strict=False)
+            return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # torch.export raises many exception types (guards, unsupported ops, ...)
-        raise ExecuTorchExportError(f"torch.export failed: {type(exc).__name__}: {_first_line(exc)} "
-                                    f"(--debug shows the traceback)") from exc
+        raise ExecuTorchExportError(f"{what + ': ' if what else ''}torch.export failed: {type(exc).__name__}: "
+                                    f"{_first_line(exc)} (--debug shows the traceback)") from exc
 
 
 def lower(program: Any) -> Any:

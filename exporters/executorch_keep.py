@@ -46,8 +46,9 @@ _QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
 _DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
 
 
-def _op(node: Any) -> str:
-    """``quantize_per_tensor`` for ``quantized_decomposed.quantize_per_tensor.default`` ('' for non-calls)."""
+def op_name(node: Any) -> str:
+    """``conv2d`` for ``aten.conv2d.default``, ``quantize_per_tensor`` for
+    ``quantized_decomposed.quantize_per_tensor.default`` ('' for anything but a call)."""
     if not isinstance(node, Node) or node.op != "call_function":
         return ""
     return str(getattr(node.target, "__name__", node.target)).split(".")[0]
@@ -55,7 +56,8 @@ def _op(node: Any) -> str:
 
 def is_quantized(node: Node) -> bool:
     """A convolution or linear whose weight arrives through a dequantize (what the quantizer annotated)."""
-    return _op(node).startswith(("conv", "linear")) and len(node.args) > 1 and _op(node.args[1]) in _DEQUANTIZE
+    return op_name(node).startswith(("conv", "linear")) and len(node.args) > 1 and \
+        op_name(node.args[1]) in _DEQUANTIZE
 
 
 def scope(node: Node) -> str:
@@ -76,7 +78,7 @@ def node_groups(gm: GraphModule) -> dict[str, list[Node]]:
 
 def _paired(node: Any) -> Node | None:
     """The float value behind a dequantize(quantize(value)) node, else None."""
-    if _op(node) in _DEQUANTIZE and _op(node.args[0]) in _QUANTIZE:
+    if op_name(node) in _DEQUANTIZE and op_name(node.args[0]) in _QUANTIZE:
         return node.args[0].args[0]
     return None
 
@@ -148,16 +150,11 @@ def torch_psnr(module: Any, spec: ExportSpec, held_out: list[tuple[dict, dict]])
     return values
 
 
-def op_name(node: torch.fx.Node) -> str:
-    """``conv2d`` for ``aten.conv2d.default``."""
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-
 def compute_macs(graph_module: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
     """:func:`node_macs` of every convolution / linear / matmul / attention node."""
     return {node: node_macs(node, op_name(node)) for node in graph_module.graph.nodes
-            if node.op == "call_function" and (op_name(node) in _COMPUTE or op_name(node).startswith(
-                ("conv", "_convolution", "scaled_dot_product_attention", "_scaled_dot_product")))}
+            if op_name(node) in _COMPUTE or op_name(node).startswith(
+                ("conv", "_convolution", "scaled_dot_product_attention", "_scaled_dot_product"))}
 
 
 def _weight_value(arg: Any) -> torch.Tensor | None:

@@ -59,8 +59,7 @@ def export_pte_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, o
     """Export one part into ``out/name`` (``model.pte`` + its ``manifest.json``), check it, and return its bundle
     manifest entry (model file, precision, I/O, bytes, delegation, the check's metrics). The signature is
     :func:`.bundle._export_part`'s, whose ONNX steps this replaces."""
-    from ..exporters.executorch import ExecuTorchExportError, _first_line, delegation_summary, lower, write_program
-    from ..exporters.console import quiet
+    from ..exporters.executorch import ExecuTorchExportError, delegation_summary, export_module, lower, write_program
     from ..memory import peak_rss_mb
 
     if spec.precision != "fp32":
@@ -72,13 +71,7 @@ def export_pte_part(name: str, module: nn.Module, spec: ExportSpec, out: Path, o
         args = torch_inputs(spec, spec.example_feeds(batch=MAX_BATCH, seed=0))
     args = tuple(torch.cat([a] * MAX_BATCH) if a.shape[0] == 1 else a for a in args)  # batch 1 would specialize
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    try:
-        with quiet("torch.export", python_stderr=True), torch.no_grad():
-            program = torch.export.export(wrapper, args, dynamic_shapes=tuple({0: batch} for _ in args),
-                                          strict=False)
-    except Exception as exc:  # torch.export raises many exception types
-        raise ExecuTorchExportError(f"{name}: torch.export failed: {type(exc).__name__}: {_first_line(exc)} "
-                                    f"(--debug shows the traceback)") from exc
+    program = export_module(wrapper, args, tuple({0: batch} for _ in args), what=name)
     edge = lower(program)
     delegation = delegation_summary(edge.exported_program().graph_module)
     folder = out / name
